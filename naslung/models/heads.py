@@ -1,0 +1,116 @@
+"""Classifier heads and their losses: A-Softmax (SphereFace) with its margin, or linear + CE.
+
+`AngleLinear` returns ordinary class logits ``cos(theta_j) * |x|`` so that the model's output
+is the same in train and eval mode and softmax gives probabilities. The margin term
+``phi(theta) * |x|`` that A-Softmax needs for the target class is kept on the head after each
+forward, and `AngleLoss` reads it from there.
+
+Unlike the original code (whose target mask was never set and whose step counter never
+advanced), the margin here is applied to the target class and the lambda that blends it in is
+annealed per training step: lambda = max(5, 1500 / (1 + 0.1 * step)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_KINDS = ("asoftmax", "linear")
+
+
+class AngleLinear(nn.Module):
+    """SphereFace's angular layer with margin m (default 4) and unit-norm class weights."""
+
+    def __init__(self, in_features: int, out_features: int = 2, margin: int = 4) -> None:
+        super().__init__()
+        if margin < 1:
+            raise ValueError(f"A-Softmax margin must be >= 1, got {margin}")
+        self.margin = margin
+        # (in, out) as in the original, so that its checkpoints keep their layout.
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        with torch.no_grad():
+            self.weight.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+        self.phi_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        w = F.normalize(self.weight, dim=0)
+        cos_theta = (x @ w / x_norm).clamp(-1.0, 1.0)
+        self.phi_logits = self._phi(cos_theta) * x_norm
+        return cos_theta * x_norm
+
+    def _phi(self, cos_theta: torch.Tensor) -> torch.Tensor:
+        """phi(theta) = (-1)^k cos(m theta) - 2k, k = floor(m theta / pi): monotone in theta."""
+        theta = torch.acos(cos_theta.detach())
+        k = torch.floor(self.margin * theta / math.pi)
+        cos_m_theta = _chebyshev_cos_multiple(cos_theta, self.margin)
+        sign = 1.0 - 2.0 * torch.remainder(k, 2)
+        return sign * cos_m_theta - 2.0 * k
+
+
+def _chebyshev_cos_multiple(cos_theta: torch.Tensor, m: int) -> torch.Tensor:
+    """cos(m theta) from cos(theta) through the Chebyshev recurrence (differentiable)."""
+    previous, current = torch.ones_like(cos_theta), cos_theta
+    if m == 0:
+        return previous
+    for _ in range(m - 1):
+        previous, current = current, 2 * cos_theta * current - previous
+    return current
+
+
+class AngleLoss(nn.Module):
+    """A-Softmax loss: cross-entropy with the target logit pulled towards phi(theta)*|x|.
+
+    target logit <- logit - (cos - phi) * |x| / (1 + lambda), other logits unchanged.
+    ``step`` counts training calls; lambda anneals from 1500 towards ``lambda_min``.
+    """
+
+    def __init__(self, head: AngleLinear, lambda_min: float = 5.0, lambda_max: float = 1500.0,
+                 gamma: float = 0.0) -> None:
+        super().__init__()
+        self.head = [head]  # a list, so the head is not registered twice as a submodule
+        self.lambda_min = lambda_min
+        self.lambda_max = lambda_max
+        self.gamma = gamma
+        self.step = 0
+
+    @property
+    def lam(self) -> float:
+        """The current blend factor lambda."""
+        return max(self.lambda_min, self.lambda_max / (1 + 0.1 * self.step))
+
+    def margin_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The logits with the target-class margin applied (no state change)."""
+        phi_logits = self.head[0].phi_logits
+        if phi_logits is None or phi_logits.shape != logits.shape:
+            raise RuntimeError("AngleLoss needs the logits of the head's latest forward pass")
+        target_mask = F.one_hot(target, logits.shape[1]).to(torch.bool)
+        adjusted = logits - (logits - phi_logits) / (1.0 + self.lam)
+        return torch.where(target_mask, adjusted, logits)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.step += 1
+        log_p = F.log_softmax(self.margin_logits(logits, target), dim=1)
+        log_pt = log_p.gather(1, target[:, None]).squeeze(1)
+        focal = (1 - log_pt.detach().exp()) ** self.gamma if self.gamma else 1.0
+        return -(focal * log_pt).mean()
+
+
+def make_head(kind: str, in_features: int, num_classes: int = 2) -> nn.Module:
+    """The classifier head named ``kind`` (one of `HEAD_KINDS`)."""
+    if kind == "asoftmax":
+        return AngleLinear(in_features, num_classes)
+    if kind == "linear":
+        return nn.Linear(in_features, num_classes)
+    raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEAD_KINDS)}")
+
+
+def make_loss(head: nn.Module) -> nn.Module:
+    """The training loss that belongs to ``head``: `AngleLoss` or cross-entropy."""
+    if isinstance(head, AngleLinear):
+        return AngleLoss(head)
+    return nn.CrossEntropyLoss()
