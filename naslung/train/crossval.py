@@ -1,0 +1,119 @@
+"""Patient-level k-fold cross-validation: one model per test fold, written to a run directory.
+
+Run directory layout::
+
+    config.json            training config, store path and fingerprint, versions
+    fold<k>/model.pt       kept weights (state_dict) of the model tested on fold k
+    fold<k>/model.json     arch, normalisation, metrics, epoch kept, versions
+    fold<k>/history.csv    per-epoch training loss and validation metrics
+    fold<k>/predictions.csv  test-fold id, patient, label, probability
+    metrics.json           every fold's test metrics, and mean and std over folds
+
+Each fold is written atomically when it finishes; re-running into the same directory with the
+same config and store reuses finished folds, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from naslung.data.store import CropStore
+from naslung.fileio import write_json, write_text
+from naslung.train.checkpoint import META_FILE, save_checkpoint
+from naslung.train.metrics import summarise
+from naslung.train.trainer import FoldSplit, TrainConfig, train_fold, volumes_on_device
+from naslung.versions import versions
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used for this run."""
+
+
+@dataclass
+class RunSummary:
+    """Test metrics of every fold trained in a run, and their mean and std."""
+
+    run_dir: Path
+    per_fold: dict[int, dict]
+    summary: dict[str, dict[str, float]]
+
+
+def _csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _check_run_dir(run_dir: Path, config: dict) -> None:
+    """Refuse to mix folds of different configs or data in one run directory."""
+    existing = run_dir / "config.json"
+    if not existing.is_file():
+        return
+    before = json.loads(existing.read_text())
+    if (before.get("train") != json.loads(json.dumps(config["train"]))
+            or before.get("store_sha256") != config["store_sha256"]):
+        raise RunError(f"{run_dir} holds a run with another config or store; "
+                       "choose another --out or delete it")
+
+
+def cross_validate(store: CropStore, cfg: TrainConfig, run_dir: str | os.PathLike,
+                   device: torch.device, folds: list[int] | None = None,
+                   show_progress: bool = True) -> RunSummary:
+    """Train and test one model per fold in ``folds`` (default: all), writing ``run_dir``."""
+    run_dir = Path(run_dir)
+    folds = list(range(store.n_folds)) if folds is None else folds
+    for fold in folds:
+        FoldSplit.of(store.folds, fold, store.n_folds)  # validates the fold index
+    config = {"train": cfg.to_dict(), "store": str(store.root), "store_sha256": store.fingerprint,
+              "device": str(device), "versions": versions()}
+    _check_run_dir(run_dir, config)
+    write_json(run_dir / "config.json", config)
+
+    volumes = volumes_on_device(store.crops, cfg.crop, cfg.shift, device)
+    labels = torch.from_numpy(store.labels).to(device)
+    ids, patients = store.column("id"), store.patients
+    per_fold = {}
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+               "{task.total} steps"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+        for fold in folds:
+            fold_dir = run_dir / f"fold{fold}"
+            if (fold_dir / META_FILE).is_file():
+                per_fold[fold] = json.loads((fold_dir / META_FILE).read_text())["test_metrics"]
+                progress.console.print(f"fold {fold}: finished earlier, reusing {fold_dir}")
+                continue
+            split = FoldSplit.of(store.folds, fold, store.n_folds)
+            result = train_fold(volumes, labels, split, cfg, progress)
+            write_text(fold_dir / "history.csv", _csv_text(result.history))
+            write_text(fold_dir / "predictions.csv", _csv_text([
+                {"id": ids[i], "patient": patients[i], "label": int(store.labels[i]),
+                 "probability": float(p)} for i, p in zip(split.test, result.test_probabilities, strict=True)
+            ]))
+            save_checkpoint(fold_dir, result.model, {
+                "fold": fold, "val_fold": split.val_fold, "best_epoch": result.best_epoch,
+                "crop": cfg.crop, "normalisation": result.normalisation.to_dict(),
+                "val_metrics": result.val_metrics, "test_metrics": result.test_metrics,
+                "train_config": cfg.to_dict(), "store_sha256": store.fingerprint,
+                "seconds": result.seconds, "n_train": len(split.train), "versions": versions(),
+            })
+            per_fold[fold] = result.test_metrics
+            m = result.test_metrics
+            progress.console.print(
+                f"fold {fold}: acc {m['accuracy']:.3f}  sens {m['sensitivity']:.3f}  "
+                f"spec {m['specificity']:.3f}  f1 {m['f1']:.3f}  auc {m['auc']:.3f}  "
+                f"(n={m['n']}, epoch {result.best_epoch + 1} kept, {result.seconds:.0f} s)")
+    summary = summarise([per_fold[f] for f in folds])
+    write_json(run_dir / "metrics.json", {"folds": {str(f): per_fold[f] for f in folds},
+                                          "summary": summary})
+    return RunSummary(run_dir, per_fold, summary)
+

@@ -1,0 +1,206 @@
+"""Training one model on one cross-validation split, with selection on a validation fold.
+
+The test fold is never looked at while training: the epoch to keep is chosen on a validation
+fold carved from the training folds, and the test fold is scored once, with the kept weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from naslung.arch import Arch
+from naslung.data.augment import Augmenter, Normalisation, centre_crop, pad_volumes
+from naslung.models import ConvRes, make_loss
+from naslung.train.metrics import binary_metrics
+
+SELECT_METRICS = ("auc", "accuracy")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; stored with every run and checkpoint."""
+
+    arch: str = "4,8,16/32,32/64,128"
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    head: str = "asoftmax"
+    cbam: str = "nas-lung"
+    crop: int = 32
+    shift: int = 4
+    zero_out: int = 4
+    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    select: str = "auc"
+    patience: int | None = None
+    seed: int = 0
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        Arch.parse(self.arch)
+        if self.select not in SELECT_METRICS:
+            raise ValueError(f"unknown selection metric {self.select!r}; "
+                             f"choose from {', '.join(SELECT_METRICS)}")
+        for name in ("epochs", "batch_size", "crop"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FoldSplit:
+    """Indices of one split: test = fold k, validation = fold k+1 (mod n), train = the rest."""
+
+    test_fold: int
+    val_fold: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    @classmethod
+    def of(cls, folds: np.ndarray, test_fold: int, n_folds: int) -> FoldSplit:
+        if n_folds < 3:
+            raise ValueError(f"need >= 3 folds (train, validation, test), the store has {n_folds}")
+        if not 0 <= test_fold < n_folds:
+            raise ValueError(f"fold {test_fold} is out of range 0..{n_folds - 1}")
+        val_fold = (test_fold + 1) % n_folds
+        test = np.flatnonzero(folds == test_fold)
+        val = np.flatnonzero(folds == val_fold)
+        train = np.flatnonzero((folds != test_fold) & (folds != val_fold))
+        return cls(test_fold, val_fold, train, val, test)
+
+
+@dataclass
+class FoldResult:
+    """The kept model of one split and how it scored."""
+
+    model: ConvRes
+    normalisation: Normalisation
+    best_epoch: int
+    val_metrics: dict
+    test_metrics: dict
+    test_probabilities: np.ndarray
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; clear errors."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this torch sees no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) present")
+    return device
+
+
+def volumes_on_device(crops: np.ndarray, crop: int, shift: int,
+                      device: torch.device) -> torch.Tensor:
+    """The whole store as one int16 tensor on ``device``, padded with air if it is too small."""
+    volumes = torch.from_numpy(np.array(crops, dtype=np.int16)).to(device)  # copies the memmap
+    return pad_volumes(volumes, crop + 2 * shift)
+
+
+@torch.inference_mode()
+def predict_proba(model: ConvRes, volumes: torch.Tensor, normalisation: Normalisation,
+                  crop: int, batch_size: int = 64, channels_last: bool = False) -> np.ndarray:
+    """Malignancy probabilities of the centre crops of ``volumes``, in eval mode."""
+    model.eval()
+    out = []
+    for start in range(0, len(volumes), batch_size):
+        x = normalisation(centre_crop(volumes[start:start + batch_size], crop)).unsqueeze(1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        out.append(torch.softmax(model(x).float(), dim=1)[:, 1].cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def _selection_score(metrics: dict, select: str) -> float:
+    score = metrics[select]
+    return metrics["accuracy"] if math.isnan(score) else score
+
+
+def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cfg: TrainConfig,
+               progress: Progress | None = None) -> FoldResult:
+    """Train on ``split.train``, keep the epoch best on ``split.val``, score ``split.test`` once.
+
+    ``volumes`` (N, D, H, W) int16 HU and ``labels`` (N,) live on the training device.
+    """
+    started = time.perf_counter()
+    device = volumes.device
+    torch.manual_seed(cfg.seed * 1_000 + split.test_fold)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000 + split.test_fold)
+    memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+
+    model = ConvRes(Arch.parse(cfg.arch), cbam=cfg.cbam, head=cfg.head)
+    model = model.to(device=device, memory_format=memory_format)
+    loss_fn = make_loss(model.head)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    augment = Augmenter(cfg.crop, cfg.shift, True, cfg.zero_out)
+    train_idx = torch.from_numpy(split.train).to(device)
+    normalisation = Normalisation.fit(volumes[train_idx], cfg.crop, *cfg.hu_window)
+    val_labels = labels[torch.from_numpy(split.val).to(device)].cpu().numpy()
+
+    n_batches = math.ceil(len(train_idx) / cfg.batch_size)
+    task = progress.add_task(f"fold {split.test_fold}", total=cfg.epochs * n_batches) \
+        if progress else None
+    best_score, best_epoch, best_state, best_val = -math.inf, -1, None, {}
+    history = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        loss_fn.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=generator, device=device)]
+        loss_sum = torch.zeros((), device=device)
+        for batch in order.split(cfg.batch_size):
+            x = augment(volumes[batch], normalisation, generator)
+            x = x.contiguous(memory_format=memory_format)
+            loss = loss_fn(model(x), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(batch)
+            if progress:
+                progress.advance(task)
+        train_loss = loss_sum.item() / len(train_idx)
+        val_prob = predict_proba(model, volumes[torch.from_numpy(split.val).to(device)],
+                                 normalisation, cfg.crop, channels_last=cfg.channels_last)
+        val_metrics = binary_metrics(val_labels, val_prob)
+        history.append({"epoch": epoch, "train_loss": train_loss,
+                        **{f"val_{k}": v for k, v in val_metrics.items() if k != "confusion"}})
+        score = _selection_score(val_metrics, cfg.select)
+        if progress:
+            progress.update(task, description=f"fold {split.test_fold} epoch {epoch + 1}/"
+                            f"{cfg.epochs} loss {train_loss:.3f} val {cfg.select} {score:.3f}")
+        if score > best_score:
+            best_score, best_epoch, best_val = score, epoch, val_metrics
+            best_state = copy.deepcopy(model.state_dict())
+        elif cfg.patience is not None and epoch - best_epoch >= cfg.patience:
+            break
+
+    model.load_state_dict(best_state)
+    test_idx = torch.from_numpy(split.test).to(device)
+    test_prob = predict_proba(model, volumes[test_idx], normalisation, cfg.crop,
+                              channels_last=cfg.channels_last)
+    test_metrics = binary_metrics(labels[test_idx].cpu().numpy(), test_prob)
+    if progress:
+        progress.remove_task(task)
+    return FoldResult(model.to(memory_format=torch.contiguous_format), normalisation,
+                      best_epoch, best_val, test_metrics, test_prob, history,
+                      time.perf_counter() - started)

@@ -1,0 +1,22 @@
+"""Versions recorded with every artefact, so a result can be traced to the code that made it."""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import torch
+
+import naslung
+
+
+def versions() -> dict[str, str]:
+    """naslung, Python, NumPy and torch versions, and the CUDA/cuDNN torch was built with."""
+    return {
+        "naslung": naslung.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()),
+    }
