@@ -80,7 +80,10 @@ def _phantom_store(data_dir: Path | None, limit: int | None, progress: bool,
                    **options) -> CropStore:
     from naslung.data.phantom import prepare_phantom  # imports pylidc: only when needed
 
-    return prepare_phantom(data_dir, limit=limit, progress=progress, **options)
+    try:
+        return prepare_phantom(data_dir, limit=limit, progress=progress, **options)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def cmd_prepare_phantom(args: argparse.Namespace) -> int:

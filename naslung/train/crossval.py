@@ -84,7 +84,7 @@ def cross_validate(store: CropStore, cfg: TrainConfig, run_dir: str | os.PathLik
     ids, patients = store.column("id"), store.patients
     per_fold = {}
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-               "{task.total} steps"), TimeElapsedColumn(), TimeRemainingColumn()]
+               "{task.total} batches"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not show_progress, transient=True) as progress:
         for fold in folds:
             fold_dir = run_dir / f"fold{fold}"

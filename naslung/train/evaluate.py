@@ -34,7 +34,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store: CropStore, fold: i
     if meta.get("store_sha256") != store.fingerprint:
         warning = "this store is not the one the model was trained on: folds may overlap training"
     elif fold != "all" and int(fold) != meta.get("fold"):
-        warning = f"fold {fold} is not this model's test fold ({meta.get('fold')}): it was used for training or selection"
+        warning = (f"fold {fold} is not this model's test fold ({meta.get('fold')}): "
+                   "it was used for training or selection")
     crop = int(meta["crop"])
     volumes = volumes_on_device(store.crops[indices], crop, 0, device)
     probabilities = predict_proba(model, volumes, checkpoint_normalisation(meta), crop)

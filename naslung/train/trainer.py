@@ -159,11 +159,13 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
     val_labels = labels[torch.from_numpy(split.val).to(device)].cpu().numpy()
 
     n_batches = math.ceil(len(train_idx) / cfg.batch_size)
-    task = progress.add_task(f"fold {split.test_fold}", total=cfg.epochs * n_batches) \
-        if progress else None
+    task = progress.add_task(f"fold {split.test_fold}", total=n_batches) if progress else None
     best_score, best_epoch, best_state, best_val = -math.inf, -1, None, {}
     history = []
     for epoch in range(cfg.epochs):
+        if progress:
+            progress.reset(task, total=n_batches,
+                           description=f"fold {split.test_fold} epoch {epoch + 1}/{cfg.epochs}")
         model.train()
         loss_fn.train()
         order = train_idx[torch.randperm(len(train_idx), generator=generator, device=device)]
@@ -186,8 +188,8 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
                         **{f"val_{k}": v for k, v in val_metrics.items() if k != "confusion"}})
         score = _selection_score(val_metrics, cfg.select)
         if progress:
-            progress.update(task, description=f"fold {split.test_fold} epoch {epoch + 1}/"
-                            f"{cfg.epochs} loss {train_loss:.3f} val {cfg.select} {score:.3f}")
+            progress.console.print(f"  fold {split.test_fold} epoch {epoch + 1}/{cfg.epochs}: "
+                                   f"train loss {train_loss:.4f}, val {cfg.select} {score:.3f}")
         if score > best_score:
             best_score, best_epoch, best_val = score, epoch, val_metrics
             best_state = copy.deepcopy(model.state_dict())
