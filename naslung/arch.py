@@ -20,7 +20,7 @@ MIN_WIDTH = 4
 MAX_WIDTH = 4096
 NUM_STAGES = 3
 NUM_CLASSES = 2
-HEADS = ("asoftmax", "linear")
+HEAD_KINDS = ("asoftmax", "linear")
 
 
 class ArchError(ValueError):
@@ -111,8 +111,8 @@ class Arch:
         what `torch.utils.flop_counter` counts; BatchNorm, ReLU, pooling and the softmax are
         left out. Layer names are the module names in `naslung.ConvRes`.
         """
-        if head not in HEADS:
-            raise ArchError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
+        if head not in HEAD_KINDS:
+            raise ArchError(f"unknown head {head!r}; choose from {', '.join(HEAD_KINDS)}")
         if crop < 1:
             raise ArchError(f"crop size must be positive, got {crop}")
         layers: list[LayerCost] = []

@@ -58,8 +58,12 @@ def test_train_then_eval(sphere_store, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["head"] == "linear" and config["store_sha256"] == sphere_store.fingerprint
     assert main(["eval", str(out), "--device", "cpu"]) == 0
-    assert "evaluation on" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "own test fold" in printed.out and "warning" not in printed.err
     assert main(["eval", str(out / "fold0"), "--data-dir", str(sphere_store.root), "--fold", "all"]) == 0
+    assert "trained and selected on" in capsys.readouterr().err
+    assert main(["eval", str(out), "--fold", "0,1"]) == 2
+    assert "one fold" in capsys.readouterr().err
 
 
 def test_help_explains_every_subcommand(capsys):

@@ -107,24 +107,39 @@ def test_margin_makes_loss_larger_and_anneals():
     loss_fn = AngleLoss(head)
     x = torch.randn(16, 8)
     target = torch.randint(0, 2, (16,))
-    logits = head(x)
-    plain = F.cross_entropy(logits, target)
+    plain = F.cross_entropy(head(x), target)
     assert loss_fn.lam == 1500.0
-    first = loss_fn(logits, target)
+    first = loss_fn(head(x), target)
     assert loss_fn.step == 1 and first >= plain
     loss_fn.step = 10_000  # lambda has annealed to its floor of 5
     assert loss_fn.lam == 5.0
-    late = loss_fn(logits, target)
+    late = loss_fn(head(x), target)
     assert late > first + 1e-3, "with lambda at 5 the margin must weigh clearly"
     loss_fn.eval()
-    loss_fn(logits, target)
+    loss_fn(head(x), target)
     assert loss_fn.step == 10_001, "the step counter advances only in training"
 
 
-def test_angle_loss_needs_a_fresh_forward():
+def test_angle_loss_needs_a_fresh_training_forward():
     head = AngleLinear(4, 2)
+    loss_fn = AngleLoss(head)
     with pytest.raises(RuntimeError, match="latest forward"):
-        AngleLoss(head)(torch.zeros(2, 2), torch.tensor([0, 1]))
+        loss_fn(torch.zeros(2, 2), torch.tensor([0, 1]))
+    logits = head(torch.randn(2, 4))
+    loss_fn(logits, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="latest forward"):
+        loss_fn(logits, torch.tensor([0, 1]))  # the margin term is used once
+    head.eval()
+    assert head(torch.randn(2, 4)).shape == (2, 2) and head.phi_logits is None
+
+
+def test_model_copies_after_a_training_forward():
+    import copy
+
+    model = ConvRes("4/4/8")
+    model(torch.randn(2, 1, 16, 16, 16))
+    make_loss(model.head)(model(torch.randn(2, 1, 16, 16, 16)), torch.tensor([0, 1]))
+    copy.deepcopy(model)
 
 
 def test_linear_head_uses_cross_entropy():

@@ -114,3 +114,27 @@ def test_config_validation():
         TrainConfig(select="loss")
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
+
+
+def test_empty_validation_fold_is_refused():
+    folds = np.array([0, 0, 2, 2, 3, 3])  # fold 1 (validation for test fold 0) is empty
+    with pytest.raises(ValueError, match="validation set is empty"):
+        FoldSplit.of(folds, 0, 4)
+
+
+def test_metrics_cover_folds_of_earlier_calls(sphere_store, tmp_path):
+    cfg = TrainConfig(arch="4/4/4", epochs=1)
+    cross_validate(sphere_store, cfg, tmp_path / "run", CPU, folds=[0], show_progress=False)
+    run = cross_validate(sphere_store, cfg, tmp_path / "run", CPU, folds=[1, 1], show_progress=False)
+    assert sorted(run.per_fold) == [0, 1]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["folds"]) == {"0", "1"}
+
+
+def test_a_fold_of_another_config_is_never_reused(sphere_store, tmp_path):
+    cross_validate(sphere_store, TrainConfig(arch="4/4/4", epochs=1), tmp_path / "run", CPU,
+                   folds=[0], show_progress=False)
+    (tmp_path / "run" / "config.json").unlink()
+    with pytest.raises(RunError, match="another config"):
+        cross_validate(sphere_store, TrainConfig(arch="4/4/8", epochs=1), tmp_path / "run", CPU,
+                       folds=[0], show_progress=False)

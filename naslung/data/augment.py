@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 AIR_HU = -1000.0
+HU_WINDOW = (-1000.0, 400.0)
+"""Default HU window: air to just above soft tissue, where nodules and lung differ."""
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,8 @@ class Normalisation:
     std: float
 
     @classmethod
-    def fit(cls, volumes: torch.Tensor, crop: int, hu_min: float = -1000.0,
-            hu_max: float = 400.0) -> Normalisation:
+    def fit(cls, volumes: torch.Tensor, crop: int, hu_min: float = HU_WINDOW[0],
+            hu_max: float = HU_WINDOW[1]) -> Normalisation:
         """Mean and std of the windowed centre crops of ``volumes`` (the training set only)."""
         if len(volumes) == 0:
             raise ValueError("cannot fit a normalisation on an empty training set")

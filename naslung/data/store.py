@@ -8,8 +8,8 @@ A store is a directory holding
   diameter_mm``, then whatever the source adds (every reader's ratings, centroids...);
 * ``manifest.json`` source, parameters, versions, counts and a SHA-256 of the arrays and table.
 
-Stores are written to a temporary sibling directory and renamed into place, so a reader never
-sees half a store and an interrupted build leaves the previous store intact.
+Stores are written and checked in a temporary sibling directory and only then renamed into
+place, so a reader never sees half a store and a failed build leaves the previous store intact.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,26 @@ class CropStore:
     masks: np.ndarray
     rows: list[dict[str, str]]
     manifest: dict[str, Any]
+    labels: np.ndarray = field(init=False)
+    """0 = benign, 1 = malignant, shape (N,)."""
+    folds: np.ndarray = field(init=False)
+    """Cross-validation fold of each crop, shape (N,)."""
+    n_folds: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        where = f"crop store {self.root}"
+        if self.rows:
+            absent = [c for c in REQUIRED_COLUMNS if c not in self.rows[0]]
+            if absent:
+                raise StoreError(f"{where}: table lacks column(s) {', '.join(absent)}")
+        try:
+            self.labels = np.array([int(row["label"]) for row in self.rows], dtype=np.int64)
+            self.folds = np.array([int(row["fold"]) for row in self.rows], dtype=np.int64)
+            self.n_folds = int(self.manifest["n_folds"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise StoreError(f"{where}: labels, folds and the manifest's n_folds must be "
+                             f"integers ({err!r})") from err
+        self._validate()
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> CropStore:
@@ -67,9 +87,7 @@ class CropStore:
                 rows = list(csv.DictReader(f))
         except (OSError, ValueError) as err:
             raise StoreError(f"crop store {root} is unreadable: {err}") from err
-        store = cls(root, crops, masks, rows, manifest)
-        store._validate()
-        return store
+        return cls(root, crops, masks, rows, manifest)
 
     def _validate(self) -> None:
         where = f"crop store {self.root}"
@@ -80,14 +98,15 @@ class CropStore:
             raise StoreError(f"{where}: masks {self.masks.shape} != crops {self.crops.shape}")
         if len(self.rows) != len(self.crops):
             raise StoreError(f"{where}: {len(self.rows)} table rows for {len(self.crops)} crops")
-        if self.rows:
-            absent = [c for c in REQUIRED_COLUMNS if c not in self.rows[0]]
-            if absent:
-                raise StoreError(f"{where}: table lacks column(s) {', '.join(absent)}")
         if not set(np.unique(self.labels)) <= {0, 1}:
             raise StoreError(f"{where}: labels must be 0 (benign) or 1 (malignant)")
         if len(self) and not (0 <= self.folds.min() and self.folds.max() < self.n_folds):
             raise StoreError(f"{where}: folds must lie in 0..{self.n_folds - 1}")
+        fold_of: dict[str, int] = {}
+        for row, fold in zip(self.rows, self.folds, strict=True):
+            if fold_of.setdefault(row["patient"], fold) != fold:
+                raise StoreError(f"{where}: patient {row['patient']} is in folds "
+                                 f"{fold_of[row['patient']]} and {fold}; folds must be patient-level")
 
     @classmethod
     def write(cls, root: str | os.PathLike, crops: np.ndarray, masks: np.ndarray,
@@ -107,7 +126,7 @@ class CropStore:
         table_text = table.getvalue()
 
         digest = hashlib.sha256()
-        for part in (crops.tobytes(), np.packbits(masks).tobytes(), table_text.encode()):
+        for part in (crops, np.packbits(masks), table_text.encode()):
             digest.update(part)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "count": len(rows),
                     "crop_shape": list(crops.shape[1:]), "sha256": digest.hexdigest()}
@@ -124,6 +143,7 @@ class CropStore:
             for name in (CROPS_FILE, MASKS_FILE, TABLE_FILE, MANIFEST_FILE):
                 with open(tmp / name, "rb") as f:
                     os.fsync(f.fileno())
+            cls.open(tmp)  # check the new store before it replaces anything
             replace_dir(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -139,22 +159,8 @@ class CropStore:
         return np.array([row[name] for row in self.rows], dtype=object)
 
     @property
-    def labels(self) -> np.ndarray:
-        """0 = benign, 1 = malignant, shape (N,)."""
-        return np.array([int(row["label"]) for row in self.rows], dtype=np.int64)
-
-    @property
-    def folds(self) -> np.ndarray:
-        """Cross-validation fold of each crop, shape (N,)."""
-        return np.array([int(row["fold"]) for row in self.rows], dtype=np.int64)
-
-    @property
     def patients(self) -> np.ndarray:
         return self.column("patient")
-
-    @property
-    def n_folds(self) -> int:
-        return int(self.manifest["n_folds"])
 
     @property
     def fingerprint(self) -> str:
@@ -163,9 +169,10 @@ class CropStore:
 
 
 def replace_dir(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``, replacing it with no moment of absence for readers
-    that retry; the old directory is removed afterwards."""
+    """Move directory ``new`` to ``target``, replacing what is there; ``target`` is missing
+    only between two renames, and the old directory is deleted afterwards."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
     os.replace(new, target)

@@ -37,6 +37,14 @@ class _CBAMParameters(nn.Module):
         pooled = torch.cat((x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)), dim=1)
         return torch.sigmoid(self.spatial_conv(pooled))
 
+    def channel_gated(self, x: torch.Tensor) -> torch.Tensor:
+        """x scaled by the variant's channel weights."""
+        raise NotImplementedError
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial attention map, shape (N, 1, D, H, W), that the block applies."""
+        return self.spatial_map(self.channel_gated(x))
+
 
 class ResidualCBAM(_CBAMParameters):
     """CBAM as NAS-Lung's search code has it (DESIGN.md section 3).
@@ -50,12 +58,8 @@ class ResidualCBAM(_CBAMParameters):
         weights = torch.softmax(self.channel_scores(x, hidden_activation=False), dim=1)
         return x * weights[:, :, None, None, None]
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The spatial attention map s, shape (N, 1, D, H, W), for explanations."""
-        return self.spatial_map(self.channel_gated(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x) * x + x
+        return self.attention(x) * x + x  # the block input, not the channel-gated map
 
 
 class WooCBAM(_CBAMParameters):
@@ -69,10 +73,6 @@ class WooCBAM(_CBAMParameters):
     def channel_gated(self, x: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(self.channel_scores(x, hidden_activation=True))
         return x * gate[:, :, None, None, None]
-
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The spatial attention map, shape (N, 1, D, H, W), for explanations."""
-        return self.spatial_map(self.channel_gated(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gated = self.channel_gated(x)

@@ -32,8 +32,8 @@ class ConvRes(nn.Module):
     """The reference network: (N, 1, D, H, W) HU-normalised crops -> (N, 2) class logits.
 
     stem (two 3^3 convs to 4 channels, CBAM), three `Stage`s, global average pooling (so any
-    crop size works; 32^3 gives the original's 4^3 map), then the head. Logits are the same in
-    train and eval mode; ``softmax(logits)[:, 1]`` is the malignancy probability.
+    crop size works; 32^3 gives the original's 4^3 map), then the head. Both modes return
+    (N, 2) class logits; ``softmax(logits)[:, 1]`` is the malignancy probability.
     """
 
     def __init__(self, arch: Arch | str, cbam: str = "nas-lung", head: str = "asoftmax") -> None:

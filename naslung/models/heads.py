@@ -1,9 +1,9 @@
 """Classifier heads and their losses: A-Softmax (SphereFace) with its margin, or linear + CE.
 
-`AngleLinear` returns ordinary class logits ``cos(theta_j) * |x|`` so that the model's output
-is the same in train and eval mode and softmax gives probabilities. The margin term
-``phi(theta) * |x|`` that A-Softmax needs for the target class is kept on the head after each
-forward, and `AngleLoss` reads it from there.
+`AngleLinear` returns ordinary class logits ``cos(theta_j) * |x|`` in train and eval mode
+alike, so softmax gives probabilities. In training mode it also computes the margin term
+``phi(theta) * |x|`` that A-Softmax needs for the target class and keeps it on the head;
+`AngleLoss` takes it from there (and clears it) in the same step.
 
 Unlike the original code (whose target mask was never set and whose step counter never
 advanced), the margin here is applied to the target class and the lambda that blends it in is
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_KINDS = ("asoftmax", "linear")
+from naslung.arch import HEAD_KINDS
 
 
 class AngleLinear(nn.Module):
@@ -39,7 +39,7 @@ class AngleLinear(nn.Module):
         x_norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         w = F.normalize(self.weight, dim=0)
         cos_theta = (x @ w / x_norm).clamp(-1.0, 1.0)
-        self.phi_logits = self._phi(cos_theta) * x_norm
+        self.phi_logits = self._phi(cos_theta) * x_norm if self.training else None
         return cos_theta * x_norm
 
     def _phi(self, cos_theta: torch.Tensor) -> torch.Tensor:
@@ -54,8 +54,6 @@ class AngleLinear(nn.Module):
 def _chebyshev_cos_multiple(cos_theta: torch.Tensor, m: int) -> torch.Tensor:
     """cos(m theta) from cos(theta) through the Chebyshev recurrence (differentiable)."""
     previous, current = torch.ones_like(cos_theta), cos_theta
-    if m == 0:
-        return previous
     for _ in range(m - 1):
         previous, current = current, 2 * cos_theta * current - previous
     return current
@@ -86,7 +84,8 @@ class AngleLoss(nn.Module):
         """The logits with the target-class margin applied (no state change)."""
         phi_logits = self.head[0].phi_logits
         if phi_logits is None or phi_logits.shape != logits.shape:
-            raise RuntimeError("AngleLoss needs the logits of the head's latest forward pass")
+            raise RuntimeError("AngleLoss needs the logits of the head's latest forward pass "
+                               "in training mode")
         target_mask = F.one_hot(target, logits.shape[1]).to(torch.bool)
         adjusted = logits - (logits - phi_logits) / (1.0 + self.lam)
         return torch.where(target_mask, adjusted, logits)
@@ -94,7 +93,9 @@ class AngleLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.step += 1
-        log_p = F.log_softmax(self.margin_logits(logits, target), dim=1)
+        margin_logits = self.margin_logits(logits, target)
+        self.head[0].phi_logits = None  # used once: never paired with a later forward
+        log_p = F.log_softmax(margin_logits, dim=1)
         log_pt = log_p.gather(1, target[:, None]).squeeze(1)
         focal = (1 - log_pt.detach().exp()) ** self.gamma if self.gamma else 1.0
         return -(focal * log_pt).mean()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def load_checkpoint(path: str | os.PathLike,
         model = ConvRes(Arch.parse(meta["arch"]), cbam=meta["cbam"], head=meta["head"])
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError, OSError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"checkpoint {directory} is unusable: {err}") from err
     return model.to(device).eval(), meta
 

@@ -54,16 +54,36 @@ def _csv_text(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _check_run_dir(run_dir: Path, config: dict) -> None:
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} is unreadable ({err}); delete it or choose another --out") from err
+
+
+def _same_run(recorded: dict, train: dict, store_sha256: str) -> bool:
+    return (recorded.get("train", recorded.get("train_config")) == json.loads(json.dumps(train))
+            and recorded.get("store_sha256") == store_sha256)
+
+
+def _check_run_dir(run_dir: Path, train: dict, store_sha256: str) -> None:
     """Refuse to mix folds of different configs or data in one run directory."""
-    existing = run_dir / "config.json"
-    if not existing.is_file():
-        return
-    before = json.loads(existing.read_text())
-    if (before.get("train") != json.loads(json.dumps(config["train"]))
-            or before.get("store_sha256") != config["store_sha256"]):
-        raise RunError(f"{run_dir} holds a run with another config or store; "
-                       "choose another --out or delete it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} is a file, not a directory")
+    recorded = [run_dir / "config.json", *run_dir.glob(f"fold*/{META_FILE}")]
+    for path in recorded:
+        if path.is_file() and not _same_run(_read_json(path), train, store_sha256):
+            raise RunError(f"{run_dir} holds a run with another config or store ({path}); "
+                           "choose another --out or delete it")
+
+
+def _finished_folds(run_dir: Path) -> dict[int, dict]:
+    """Test metrics of every fold that has a complete checkpoint in ``run_dir``."""
+    finished = {}
+    for meta_file in run_dir.glob(f"fold*/{META_FILE}"):
+        meta = _read_json(meta_file)
+        finished[int(meta["fold"])] = meta["test_metrics"]
+    return finished
 
 
 def cross_validate(store: CropStore, cfg: TrainConfig, run_dir: str | os.PathLike,
@@ -71,32 +91,32 @@ def cross_validate(store: CropStore, cfg: TrainConfig, run_dir: str | os.PathLik
                    show_progress: bool = True) -> RunSummary:
     """Train and test one model per fold in ``folds`` (default: all), writing ``run_dir``."""
     run_dir = Path(run_dir)
-    folds = list(range(store.n_folds)) if folds is None else folds
+    folds = list(range(store.n_folds)) if folds is None else sorted(set(folds))
     for fold in folds:
-        FoldSplit.of(store.folds, fold, store.n_folds)  # validates the fold index
-    config = {"train": cfg.to_dict(), "store": str(store.root), "store_sha256": store.fingerprint,
-              "device": str(device), "versions": versions()}
-    _check_run_dir(run_dir, config)
-    write_json(run_dir / "config.json", config)
+        FoldSplit.of(store.folds, fold, store.n_folds)  # validates the fold and its sets
+    _check_run_dir(run_dir, cfg.to_dict(), store.fingerprint)
+    write_json(run_dir / "config.json", {
+        "train": cfg.to_dict(), "store": str(store.root.resolve()),
+        "store_sha256": store.fingerprint, "device": str(device), "versions": versions()})
+    finished = _finished_folds(run_dir)
 
     volumes = volumes_on_device(store.crops, cfg.crop, cfg.shift, device)
-    labels = torch.from_numpy(store.labels).to(device)
+    labels_np = store.labels
+    labels = torch.from_numpy(labels_np).to(device)
     ids, patients = store.column("id"), store.patients
-    per_fold = {}
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total} batches"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not show_progress, transient=True) as progress:
         for fold in folds:
             fold_dir = run_dir / f"fold{fold}"
-            if (fold_dir / META_FILE).is_file():
-                per_fold[fold] = json.loads((fold_dir / META_FILE).read_text())["test_metrics"]
+            if fold in finished:
                 progress.console.print(f"fold {fold}: finished earlier, reusing {fold_dir}")
                 continue
             split = FoldSplit.of(store.folds, fold, store.n_folds)
             result = train_fold(volumes, labels, split, cfg, progress)
             write_text(fold_dir / "history.csv", _csv_text(result.history))
             write_text(fold_dir / "predictions.csv", _csv_text([
-                {"id": ids[i], "patient": patients[i], "label": int(store.labels[i]),
+                {"id": ids[i], "patient": patients[i], "label": int(labels_np[i]),
                  "probability": float(p)} for i, p in zip(split.test, result.test_probabilities, strict=True)
             ]))
             save_checkpoint(fold_dir, result.model, {
@@ -106,14 +126,14 @@ def cross_validate(store: CropStore, cfg: TrainConfig, run_dir: str | os.PathLik
                 "train_config": cfg.to_dict(), "store_sha256": store.fingerprint,
                 "seconds": result.seconds, "n_train": len(split.train), "versions": versions(),
             })
-            per_fold[fold] = result.test_metrics
-            m = result.test_metrics
+            finished[fold] = m = result.test_metrics
             progress.console.print(
                 f"fold {fold}: acc {m['accuracy']:.3f}  sens {m['sensitivity']:.3f}  "
                 f"spec {m['specificity']:.3f}  f1 {m['f1']:.3f}  auc {m['auc']:.3f}  "
                 f"(n={m['n']}, epoch {result.best_epoch + 1} kept, {result.seconds:.0f} s)")
-    summary = summarise([per_fold[f] for f in folds])
-    write_json(run_dir / "metrics.json", {"folds": {str(f): per_fold[f] for f in folds},
+    # The summary covers every finished fold of the run, from this call or earlier ones.
+    summary = summarise([finished[f] for f in sorted(finished)])
+    write_json(run_dir / "metrics.json", {"folds": {str(f): finished[f] for f in sorted(finished)},
                                           "summary": summary})
-    return RunSummary(run_dir, per_fold, summary)
+    return RunSummary(run_dir, dict(sorted(finished.items())), summary)
 

@@ -16,7 +16,7 @@ import torch
 from rich.progress import Progress
 
 from naslung.arch import Arch
-from naslung.data.augment import Augmenter, Normalisation, centre_crop, pad_volumes
+from naslung.data.augment import HU_WINDOW, Augmenter, Normalisation, centre_crop, pad_volumes
 from naslung.models import ConvRes, make_loss
 from naslung.train.metrics import binary_metrics
 
@@ -37,7 +37,7 @@ class TrainConfig:
     crop: int = 32
     shift: int = 4
     zero_out: int = 4
-    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    hu_window: tuple[float, float] = HU_WINDOW
     select: str = "auc"
     patience: int | None = None
     seed: int = 0
@@ -51,6 +51,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "crop"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"the learning rate must be a positive number, got {self.lr}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"the seed must lie in 0..2**32-1, got {self.seed}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 epoch, got {self.patience}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +82,9 @@ class FoldSplit:
         test = np.flatnonzero(folds == test_fold)
         val = np.flatnonzero(folds == val_fold)
         train = np.flatnonzero((folds != test_fold) & (folds != val_fold))
+        for name, part in (("test", test), ("validation", val), ("training", train)):
+            if len(part) == 0:
+                raise ValueError(f"test fold {test_fold}: the {name} set is empty")
         return cls(test_fold, val_fold, train, val, test)
 
 
@@ -156,7 +165,8 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
     augment = Augmenter(cfg.crop, cfg.shift, True, cfg.zero_out)
     train_idx = torch.from_numpy(split.train).to(device)
     normalisation = Normalisation.fit(volumes[train_idx], cfg.crop, *cfg.hu_window)
-    val_labels = labels[torch.from_numpy(split.val).to(device)].cpu().numpy()
+    val_idx = torch.from_numpy(split.val).to(device)
+    val_volumes, val_labels = volumes[val_idx], labels[val_idx].cpu().numpy()
 
     n_batches = math.ceil(len(train_idx) / cfg.batch_size)
     task = progress.add_task(f"fold {split.test_fold}", total=n_batches) if progress else None
@@ -181,8 +191,8 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
             if progress:
                 progress.advance(task)
         train_loss = loss_sum.item() / len(train_idx)
-        val_prob = predict_proba(model, volumes[torch.from_numpy(split.val).to(device)],
-                                 normalisation, cfg.crop, channels_last=cfg.channels_last)
+        val_prob = predict_proba(model, val_volumes, normalisation, cfg.crop,
+                                 channels_last=cfg.channels_last)
         val_metrics = binary_metrics(val_labels, val_prob)
         history.append({"epoch": epoch, "train_loss": train_loss,
                         **{f"val_{k}": v for k, v in val_metrics.items() if k != "confusion"}})
