@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from naslung.arch import HEAD_KINDS, Arch, ArchError
+from naslung.console import console
 from naslung.data.store import CropStore, StoreError
 from naslung.models import CBAM_VARIANTS
 from naslung.paths import default_phantom_dir
@@ -23,11 +23,8 @@ from naslung.train.checkpoint import META_FILE, CheckpointError
 from naslung.train.crossval import RunError, cross_validate
 from naslung.train.evaluate import evaluate_checkpoint
 from naslung.train.metrics import summarise
-from naslung.train.trainer import SELECT_METRICS, TrainConfig, resolve_device
+from naslung.train.trainer import SELECT_METRICS, TrainConfig, prefer_channels_last, resolve_device
 
-console = Console()
-if not console.is_terminal:
-    console.width = 120  # logs and pipes: keep tables on one line
 USAGE_ERROR = 2
 
 TRAIN_OPTIONS = ("arch", "epochs", "batch_size", "lr")
@@ -138,13 +135,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     preset = dict(PRESETS.get(args.preset, {}))
     limit = preset.pop("limit", None)
     settings = {**preset, **{k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}}
-    Arch.parse(settings.get("arch", TrainConfig.arch))
+    arch = Arch.parse(settings.get("arch", TrainConfig.arch))
     try:
         device = resolve_device(args.device)
-        # channels_last_3d trains faster on the CPU (see bench/); on CUDA, cuDNN chooses.
+        channels_last = (prefer_channels_last(arch, device) if args.channels_last is None
+                         else args.channels_last)
         cfg = TrainConfig(**settings, head="asoftmax" if args.loss == "asoftmax" else "linear",
                           cbam=args.cbam, select=args.select, patience=args.patience,
-                          seed=args.seed, channels_last=device.type == "cpu")
+                          seed=args.seed, channels_last=channels_last)
     except ValueError as err:
         raise UsageError(str(err)) from err
     store = _open_store(args.data_dir, limit, not args.no_progress)
@@ -152,7 +150,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"training {cfg.arch} ({Arch.parse(cfg.arch).params(cfg.head):,} params) on "
                   f"{store.root} ({len(store)} nodules), folds {folds}, {cfg.epochs} epochs, "
-                  f"batch {cfg.batch_size}, lr {cfg.lr:g}, {args.loss} loss, device {device} -> {out}")
+                  f"batch {cfg.batch_size}, lr {cfg.lr:g}, {args.loss} loss, device {device}"
+                  f"{' (channels_last_3d)' if cfg.channels_last else ''} -> {out}")
     try:
         run = cross_validate(store, cfg, out, device, folds, show_progress=not args.no_progress)
     except ValueError as err:  # a fold whose train, validation or test set is empty
@@ -276,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation metric that picks the epoch to keep")
     p.add_argument("--patience", type=int, help="stop after this many epochs without gain")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="train in channels_last_3d memory layout (default: where it is faster, "
+                   "i.e. on the CPU for archs of >= 0.5 GFLOPs per crop)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

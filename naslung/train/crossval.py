@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from naslung.console import console
 from naslung.data.store import CropStore
 from naslung.fileio import write_json, write_text
 from naslung.train.checkpoint import META_FILE, save_checkpoint
@@ -106,7 +107,7 @@ def cross_validate(store: CropStore, cfg: TrainConfig, run_dir: str | os.PathLik
     ids, patients = store.column("id"), store.patients
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total} batches"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not show_progress, transient=True) as progress:
+    with Progress(*columns, console=console, disable=not show_progress, transient=True) as progress:
         for fold in folds:
             fold_dir = run_dir / f"fold{fold}"
             if fold in finished:

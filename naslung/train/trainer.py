@@ -21,6 +21,9 @@ from naslung.models import ConvRes, make_loss
 from naslung.train.metrics import binary_metrics
 
 SELECT_METRICS = ("auc", "accuracy")
+CHANNELS_LAST_MIN_GFLOPS = 0.5
+"""On the CPU, channels_last_3d trained 8-14 % faster than NCDHW for archs of 1 and 12 GFLOPs
+per crop, and 6-24 % slower for one of 0.38 GFLOPs (bench/test_bench_cpu.py, README)."""
 
 
 @dataclass
@@ -41,7 +44,7 @@ class TrainConfig:
     select: str = "auc"
     patience: int | None = None
     seed: int = 0
-    channels_last: bool = True
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         Arch.parse(self.arch)
@@ -118,6 +121,11 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) present")
     return device
+
+
+def prefer_channels_last(arch: Arch, device: torch.device) -> bool:
+    """The faster memory layout for training ``arch`` on ``device`` (see the bench figures)."""
+    return device.type == "cpu" and arch.flops() >= CHANNELS_LAST_MIN_GFLOPS * 1e9
 
 
 def volumes_on_device(crops: np.ndarray, crop: int, shift: int,
