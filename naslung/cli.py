@@ -16,6 +16,7 @@ from rich.table import Table
 
 from naslung.arch import HEAD_KINDS, Arch, ArchError
 from naslung.console import console
+from naslung.data.augment import AIR_HU, HU_WINDOW
 from naslung.data.store import CropStore, StoreError
 from naslung.models import CBAM_VARIANTS
 from naslung.paths import default_phantom_dir
@@ -108,16 +109,20 @@ def cmd_prepare_phantom(args: argparse.Namespace) -> int:
 
 # --- naslung train --------------------------------------------------------------------------
 
-def _parse_folds(text: str | None, n_folds: int) -> list[int]:
+def _parse_folds(text: str | None, store: CropStore) -> list[int]:
+    """Test folds from ``--folds``; a store with an official split allows only its test folds."""
+    allowed = [int(f) for f in store.manifest.get("test_folds", range(store.n_folds))]
     if text is None or text == "all":
-        return list(range(n_folds))
+        return allowed
     try:
         folds = [int(part) for part in text.split(",")]
     except ValueError as err:
         raise UsageError(f"--folds {text!r}: expected 'all' or comma-separated integers") from err
-    bad = [f for f in folds if not 0 <= f < n_folds]
+    bad = [f for f in folds if not 0 <= f < store.n_folds]
     if bad:
-        raise UsageError(f"fold {bad[0]} is out of range: the store has folds 0..{n_folds - 1}")
+        raise UsageError(f"fold {bad[0]} is out of range: the store has folds 0..{store.n_folds - 1}")
+    if set(folds) - set(allowed):
+        raise UsageError(f"this store's official split allows only test fold(s) {allowed}")
     return folds
 
 
@@ -138,15 +143,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     arch = Arch.parse(settings.get("arch", TrainConfig.arch))
     try:
         device = resolve_device(args.device)
-        channels_last = (prefer_channels_last(arch, device) if args.channels_last is None
-                         else args.channels_last)
-        cfg = TrainConfig(**settings, head="asoftmax" if args.loss == "asoftmax" else "linear",
-                          cbam=args.cbam, select=args.select, patience=args.patience,
-                          seed=args.seed, channels_last=channels_last)
     except ValueError as err:
         raise UsageError(str(err)) from err
     store = _open_store(args.data_dir, limit, not args.no_progress)
-    folds = _parse_folds(args.folds, store.n_folds)
+    # A store not in HU (e.g. NoduleMNIST3D) says its intensity window, background and crop.
+    manifest = store.manifest
+    try:
+        cfg = TrainConfig(
+            **settings, head="asoftmax" if args.loss == "asoftmax" else "linear", cbam=args.cbam,
+            select=args.select, patience=args.patience, seed=args.seed,
+            channels_last=(prefer_channels_last(arch, device) if args.channels_last is None
+                           else args.channels_last),
+            crop=args.crop or int(manifest.get("crop", TrainConfig.crop)),
+            hu_window=tuple(manifest.get("intensity_window", HU_WINDOW)),
+            background=float(manifest.get("background_value", AIR_HU)))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    folds = _parse_folds(args.folds, store)
+    if store.n_folds == 2:
+        console.print("[yellow]the store has only 2 patient-level folds: each model's epoch is "
+                      "picked on its training crops (there is no separate validation fold)[/yellow]")
     out = args.out or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"training {cfg.arch} ({Arch.parse(cfg.arch).params(cfg.head):,} params) on "
                   f"{store.root} ({len(store)} nodules), folds {folds}, {cfg.epochs} epochs, "
@@ -202,10 +218,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.fold == "all":
         fold = "all"
     elif args.fold is not None:
-        chosen = _parse_folds(args.fold, store.n_folds)
-        if len(chosen) != 1:
-            raise UsageError(f"--fold takes one fold or 'all', got {args.fold!r}")
-        fold = chosen[0]
+        try:
+            fold = int(args.fold)
+        except ValueError as err:
+            raise UsageError(f"--fold takes one fold index or 'all', got {args.fold!r}") from err
+        if not 0 <= fold < store.n_folds:
+            raise UsageError(f"fold {fold} is out of range: the store has folds 0..{store.n_folds - 1}")
     per_model = {}
     for index, checkpoint in enumerate(checkpoints):
         result = evaluate_checkpoint(checkpoint, store, fold, device)
@@ -265,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="crop store (default: built-in lidc-phantom)")
     p.add_argument("--folds", help="'all' (default) or test folds, e.g. 0,3")
     p.add_argument("--epochs", type=int, help="epochs per fold (default 20)")
+    p.add_argument("--crop", type=int, help="input crop side in voxels (default: the store's, else 32)")
     p.add_argument("--batch-size", type=int, help="batch size (default 8)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
     p.add_argument("--loss", choices=("asoftmax", "ce"), default="asoftmax",

@@ -63,7 +63,7 @@ def test_train_then_eval(sphere_store, tmp_path, capsys):
     assert main(["eval", str(out / "fold0"), "--data-dir", str(sphere_store.root), "--fold", "all"]) == 0
     assert "trained and selected on" in capsys.readouterr().err
     assert main(["eval", str(out), "--fold", "0,1"]) == 2
-    assert "one fold" in capsys.readouterr().err
+    assert "one fold index" in capsys.readouterr().err
 
 
 def test_help_explains_every_subcommand(capsys):

