@@ -1,7 +1,7 @@
 """Print a pytest-benchmark JSON file as a Markdown table for the README.
 
-One row per benchmark: group, provider, median time and its ratio to the ``eager`` provider
-of the same group (below 1.00 is faster than eager).
+One row per benchmark: group, provider, median time and its ratio to the group's baseline:
+the provider whose ``extra_info`` says ``baseline: true``, else ``eager`` (below 1.00 is faster).
 
     python bench/report.py /tmp/bench_cpu.json
 """
@@ -22,19 +22,22 @@ def provider_of(bench: dict) -> str:
 def table(benchmarks: list[dict]) -> str:
     """The Markdown table of ``benchmarks`` (pytest-benchmark's ``benchmarks`` list)."""
     groups: dict[str, dict[str, float]] = {}
+    baselines: dict[str, str] = {}
     for bench in benchmarks:
         group = bench.get("group") or bench["name"]
         groups.setdefault(group, {})[provider_of(bench)] = bench["stats"]["median"] * 1e3
+        if bench.get("extra_info", {}).get("baseline"):
+            baselines[group] = provider_of(bench)
 
     def order(provider: str) -> tuple[int, str]:
         known = provider in PROVIDER_ORDER
         return (PROVIDER_ORDER.index(provider) if known else len(PROVIDER_ORDER), provider)
 
-    lines = ["| group | provider | median ms | vs eager |", "|---|---|---:|---:|"]
+    lines = ["| group | provider | median ms | vs baseline |", "|---|---|---:|---:|"]
     for group, medians in groups.items():
-        eager = medians.get("eager")
+        base = medians.get(baselines.get(group, "eager"))
         for provider in sorted(medians, key=order):
-            ratio = f"{medians[provider] / eager:.2f}x" if eager else "n/a"
+            ratio = f"{medians[provider] / base:.2f}x" if base else "n/a"
             lines.append(f"| {group} | {provider} | {medians[provider]:,.1f} | {ratio} |")
     return "\n".join(lines)
 

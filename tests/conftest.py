@@ -1,6 +1,9 @@
-"""Shared fixtures: a small crop store of synthetic spheres for fast trainer and CLI tests."""
+"""Shared fixtures: a small store of synthetic spheres, and the real LIDC-IDRI test series."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,3 +37,18 @@ def write_sphere_store(root, n: int = 40, side: int = 40, n_folds: int = 5,
 @pytest.fixture(scope="session")
 def sphere_store(tmp_path_factory) -> CropStore:
     return write_sphere_store(tmp_path_factory.mktemp("spheres") / "store")
+
+
+SHARED_LIDC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lidc"
+
+
+@pytest.fixture(scope="session")
+def shared_lidc() -> Path:
+    """The real LIDC-IDRI series beside the repository; CI (NASLUNG_REQUIRE_SHARED_DATA=1)
+    fails without them, elsewhere their tests are skipped."""
+    if not (SHARED_LIDC / "LIDC-IDRI-0001").is_dir():
+        message = f"the shared LIDC-IDRI test data is missing at {SHARED_LIDC}"
+        if os.environ.get("NASLUNG_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return SHARED_LIDC
