@@ -1,0 +1,533 @@
+"""Read a chest CT (DICOM series, MetaImage or NIfTI) into Hounsfield units, refusing bad input.
+
+A crop is only as good as the volume it was cut from: a missing slice, a duplicate or two
+series mixed in one folder silently shift every nodule coordinate. So every problem found is
+either handled and recorded in `CTVolume.warnings` or raised as a one-line `CTReadError`
+that names the file and what is wrong.
+
+DICOM is read in two passes: pydicom reads every header (to group, sort and check the slices
+before any pixel is touched), then the uncompressed pixel bytes of each slice go straight
+into the output volume in sorted order, faster than SimpleITK's series reader. Compressed
+slices are decoded by SimpleITK's GDCM, which knows every codec. SimpleITK and pydicom are
+imported where used, so this module imports without them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import SimpleITK
+
+AIR_HU = -1024
+PADDING_HU = -1500
+"""Values at or below this are outside-of-field padding (-2048, -3024...), never tissue."""
+MISSING_GAP = 1.5
+"""A gap longer than this many median slice spacings means slices are missing."""
+UNEVEN_LIMIT = 0.10
+"""Slice gaps up to this fraction off the median are corrected (mean spacing); more is an error."""
+UNEVEN_WARN = 0.01
+"""Gaps closer than this to the median are rounding in the headers, not worth a warning."""
+SAME_POSITION_MM = 0.01
+GEOMETRY_TOLERANCE = 1e-4
+
+_IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
+_LONG_LENGTH_VRS = (b"OB", b"OW", b"UN")
+
+
+class CTReadError(RuntimeError):
+    """A CT that cannot be used; str(err) is one clear line naming the path and the problem."""
+
+
+class _Problem(Exception):
+    """What is wrong with one file; `_read_slice` adds the path and turns it into a CTReadError."""
+
+
+@dataclass
+class CTVolume:
+    """A CT in int16 HU with its world geometry (SimpleITK conventions, DICOM LPS coordinates)."""
+
+    hu: np.ndarray
+    """(z, y, x) int16 Hounsfield units; outside-of-field padding set to -1024 (air)."""
+    spacing: tuple[float, float, float]
+    """(x, y, z) mm, SimpleITK order."""
+    origin: tuple[float, float, float]
+    """World (x, y, z) mm of voxel (0, 0, 0)."""
+    direction: tuple[float, ...]
+    """9 values, row-major: column j is the world direction of index axis j (x, y, z)."""
+    slice_z: np.ndarray
+    """(z,) world z (mm) of each slice, in array order."""
+    series_uid: str | None
+    patient_id: str | None
+    modality: str | None
+    source: Path
+    warnings: list[str] = field(default_factory=list)
+    """Non-fatal problems found and handled."""
+
+    def _index_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3) * np.asarray(self.spacing, dtype=float)
+
+    def index_to_world(self, zyx: np.ndarray) -> np.ndarray:
+        """Continuous (z, y, x) indices, shape (..., 3) -> world (x, y, z) mm."""
+        zyx = _points(zyx, "index_to_world")
+        return zyx[..., ::-1] @ self._index_matrix().T + np.asarray(self.origin, dtype=float)
+
+    def world_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """World (x, y, z) mm, shape (..., 3) -> continuous (z, y, x) indices."""
+        xyz = _points(xyz, "world_to_index")
+        inverse = np.linalg.inv(self._index_matrix())
+        return ((xyz - np.asarray(self.origin, dtype=float)) @ inverse.T)[..., ::-1]
+
+    def to_sitk(self) -> SimpleITK.Image:
+        """This volume as an int16 SimpleITK image with the same geometry."""
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.hu, dtype=np.int16))
+        image.SetSpacing([float(v) for v in self.spacing])
+        image.SetOrigin([float(v) for v in self.origin])
+        image.SetDirection([float(v) for v in self.direction])
+        return image
+
+
+@dataclass
+class DicomSeries:
+    """The files of one DICOM series, found by `find_dicom_series` (headers only, no pixels)."""
+
+    series_uid: str
+    patient_id: str | None
+    folder: Path
+    files: list[Path]
+
+
+def find_dicom_series(root: str | os.PathLike) -> tuple[list[DicomSeries], list[str]]:
+    """Every DICOM series under ``root`` (any depth), and one line per broken .dcm file left out.
+
+    Files that are not DICOM (the LIDC XML readings, notes) are skipped silently.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CTReadError(f"{root}: no such folder")
+    slices, problems = _scan(root)
+    series = [DicomSeries(uid, group[0].patient_id, _common_folder(group), [s.path for s in group])
+              for uid, group in _group_by_series(slices).items()]
+    series.sort(key=lambda s: (s.patient_id or "", s.series_uid))
+    return series, problems
+
+
+def read_dicom_series(series: DicomSeries) -> CTVolume:
+    """Read and check one series found by `find_dicom_series`."""
+    if not series.files:
+        raise CTReadError(f"{series.folder}: series {series.series_uid} lists no files")
+    return _assemble([_read_slice(Path(path), required=True) for path in series.files], series.folder)
+
+
+def read_ct(path: str | os.PathLike) -> CTVolume:
+    """A folder holding exactly one DICOM series, a MetaImage (.mhd + data file) or a NIfTI (.nii, .nii.gz).
+
+    For .mhd the series UID is the file stem, as LUNA16 names its files ``<seriesuid>.mhd``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_dicom_folder(path)
+    if not path.exists():
+        raise CTReadError(f"{path}: no such file or folder")
+    name = path.name.lower()
+    if name.endswith(".mhd"):
+        return _read_image_file(path, series_uid=path.stem)
+    if name.endswith((".nii", ".nii.gz")):
+        return _read_image_file(path, series_uid=None)
+    if name.endswith(".dcm"):
+        raise CTReadError(f"{path}: one DICOM slice; pass the folder that holds the whole series")
+    raise CTReadError(f"{path}: unsupported file type; expected a DICOM folder, .mhd, .nii or .nii.gz")
+
+
+@dataclass
+class _Slice:
+    """What one DICOM file's header says, and where its pixel bytes start."""
+
+    path: Path
+    series_uid: str
+    patient_id: str | None
+    modality: str | None
+    position: tuple[float, ...] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, ...] | None
+    rows: int
+    columns: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    samples: int
+    frames: int
+    slope: float
+    intercept: float
+    padding: int | None
+    little_endian: bool
+    pixel_offset: int | None = None
+    """File offset of uncompressed pixel data; None when compressed (GDCM decodes those)."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.columns * self.bits_allocated // 8 * self.samples * self.frames
+
+
+def _read_dicom_folder(folder: Path) -> CTVolume:
+    slices, problems = _scan(folder)
+    if problems:
+        more = f" (and {len(problems) - 1} more broken file(s))" if len(problems) > 1 else ""
+        raise CTReadError(problems[0] + more)
+    groups = _group_by_series(slices)
+    if not groups:
+        raise CTReadError(f"{folder}: no DICOM files found")
+    if len(groups) > 1:
+        raise CTReadError(f"{folder}: holds {len(groups)} series, expected one: {_describe_series(groups)}; "
+                          "read them one by one with find_dicom_series + read_dicom_series")
+    return _assemble(next(iter(groups.values())), folder)
+
+
+def _scan(root: Path) -> tuple[list[_Slice], list[str]]:
+    slices, problems = [], []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            try:
+                found = _read_slice(Path(folder) / name, required=False)
+            except CTReadError as err:
+                problems.append(str(err))
+                continue
+            if found is not None:
+                slices.append(found)
+    return slices, problems
+
+
+def _read_slice(path: Path, required: bool) -> _Slice | None:
+    """One file's header; None for a file that is not DICOM and does not claim to be (no .dcm)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    claimed = required or path.suffix.lower() == ".dcm"
+    try:
+        with open(path, "rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            if size == 0:
+                raise _Problem("empty file (0 bytes)")
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            except InvalidDicomError:
+                raise _Problem("not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
+            if any(keyword not in ds for keyword in ("SeriesInstanceUID", "Rows", "Columns")):
+                raise _Problem("not a DICOM image (no SeriesInstanceUID, Rows or Columns; truncated header?)")
+            claimed = True
+            syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            found = _slice_from_header(path, ds, little_endian=syntax != _EXPLICIT_BE)
+            if syntax in (_IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE):
+                found.pixel_offset = _pixel_offset(fp, size, found, implicit_vr=syntax == _IMPLICIT_LE)
+            return found
+    except Exception as err:  # pydicom and the OS raise many exception types for broken files
+        if not claimed:
+            return None
+        problem = str(err) if isinstance(err, _Problem) else f"unreadable DICOM ({_one_line(err)})"
+        raise CTReadError(f"{path}: {problem}") from None
+
+
+def _slice_from_header(path: Path, ds, little_endian: bool) -> _Slice:
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    bits_allocated = int(ds.get("BitsAllocated", 16))
+    padding = ds.get("PixelPaddingValue")
+    if padding is not None:
+        padding = int(padding)
+        if signed and padding >= 1 << (bits_allocated - 1):  # stored as US though the pixels are signed
+            padding -= 1 << bits_allocated
+    return _Slice(
+        path=path, series_uid=str(ds.SeriesInstanceUID), patient_id=_text(ds, "PatientID"),
+        modality=_text(ds, "Modality"), position=_floats(ds, "ImagePositionPatient", 3),
+        orientation=_floats(ds, "ImageOrientationPatient", 6), pixel_spacing=_floats(ds, "PixelSpacing", 2),
+        rows=int(ds.Rows), columns=int(ds.Columns), bits_allocated=bits_allocated,
+        bits_stored=int(ds.get("BitsStored", bits_allocated)), signed=signed,
+        samples=int(ds.get("SamplesPerPixel", 1)), frames=int(ds.get("NumberOfFrames", 1) or 1),
+        slope=float(ds.get("RescaleSlope", 1) or 1), intercept=float(ds.get("RescaleIntercept", 0) or 0),
+        padding=padding, little_endian=little_endian)
+
+
+def _pixel_offset(fp, size: int, found: _Slice, implicit_vr: bool) -> int:
+    """Where the pixel bytes start, once sure they are all in the file (pydicom reads short data silently)."""
+    endian = "<" if found.little_endian else ">"
+    head = fp.read(8)
+    if len(head) < 8 or struct.unpack(endian + "HH", head[:4]) != (0x7FE0, 0x0010):
+        raise _Problem("no pixel data (7FE0,0010)")
+    if implicit_vr:
+        length = struct.unpack(endian + "I", head[4:])[0]
+    elif head[4:6] in _LONG_LENGTH_VRS:
+        length = struct.unpack(endian + "I", fp.read(4))[0]
+    else:
+        length = struct.unpack(endian + "H", head[6:])[0]
+    offset = fp.tell()
+    present = min(length, size - offset)
+    if present < found.nbytes:
+        raise _Problem(_truncated(present, found))
+    return offset
+
+
+def _truncated(present: int, found: _Slice) -> str:
+    return (f"truncated: pixel data holds {present} of the {found.nbytes} bytes that "
+            f"{found.rows} rows x {found.columns} columns x {found.bits_allocated} bits need")
+
+
+def _assemble(slices: list[_Slice], source: Path) -> CTVolume:
+    """Check a series' slices, sort them along the slice normal and read them into one volume."""
+    _check_series(slices, source)
+    first = slices[0]
+    row, col = np.array(first.orientation[:3]), np.array(first.orientation[3:])
+    normal = np.cross(row, col)
+    if abs(np.linalg.norm(normal) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise CTReadError(f"{first.path}: ImageOrientationPatient {first.orientation} is not two "
+                          "orthogonal unit vectors")
+    along = np.array([s.position for s in slices]) @ normal
+    order = np.argsort(along, kind="stable")
+    slices, along = [slices[i] for i in order], along[order]
+    slices, along, warnings = _drop_duplicates(slices, along)
+    if len(slices) < 2:
+        raise CTReadError(f"{source}: only one distinct slice position; a CT volume needs at least 2")
+    slice_z = np.array([s.position[2] for s in slices])
+    warnings += _check_spacing(along, slice_z, source)
+    hu, pixel_warnings = _hu_volume(slices)
+    z_spacing = float((along[-1] - along[0]) / (len(along) - 1))
+    return CTVolume(
+        hu=hu, spacing=(first.pixel_spacing[1], first.pixel_spacing[0], z_spacing),
+        origin=tuple(float(v) for v in slices[0].position),
+        direction=tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()),
+        slice_z=slice_z, series_uid=first.series_uid, patient_id=first.patient_id, modality=first.modality,
+        source=source, warnings=warnings + pixel_warnings)
+
+
+def _check_series(slices: list[_Slice], source: Path) -> None:
+    groups = _group_by_series(slices)
+    if len(groups) > 1:
+        raise CTReadError(f"{source}: mixed series: {_describe_series(groups)}")
+    first = slices[0]
+    modalities = sorted({s.modality or "missing" for s in slices})
+    if modalities != ["CT"]:
+        raise CTReadError(f"{source}: series {first.series_uid} has modality {'/'.join(modalities)}, not CT")
+    if len(slices) < 2:
+        raise CTReadError(f"{source}: single-slice series {first.series_uid}; a CT volume needs 2 or more")
+    for s in slices:
+        absent = [name for name, value in (("ImagePositionPatient", s.position),
+                                           ("ImageOrientationPatient", s.orientation),
+                                           ("PixelSpacing", s.pixel_spacing)) if value is None]
+        if absent:
+            raise CTReadError(f"{s.path}: lacks {', '.join(absent)}, so the slice cannot be placed")
+        if s.samples != 1 or s.frames != 1 or s.bits_allocated not in (8, 16, 32):
+            raise CTReadError(f"{s.path}: unsupported pixel layout ({s.samples} samples, {s.frames} frames, "
+                              f"{s.bits_allocated} bits); expected single-frame greyscale 8/16/32-bit")
+        if (s.rows, s.columns) != (first.rows, first.columns):
+            raise CTReadError(f"{s.path}: inconsistent image size {s.rows}x{s.columns}, but "
+                              f"{first.rows}x{first.columns} in {first.path.name}")
+        for name, value, expected in (("ImageOrientationPatient", s.orientation, first.orientation),
+                                      ("PixelSpacing", s.pixel_spacing, first.pixel_spacing)):
+            if not np.allclose(value, expected, rtol=0, atol=GEOMETRY_TOLERANCE):
+                raise CTReadError(f"{s.path}: inconsistent {name} {value}, but {expected} in "
+                                  f"{first.path.name}")
+
+
+def _drop_duplicates(slices: list[_Slice], along: np.ndarray) -> tuple[list[_Slice], np.ndarray, list[str]]:
+    """Drop exact copies of a slice; two different images at one position cannot be resolved."""
+    keep, warnings = [0], []
+    for i in range(1, len(slices)):
+        kept = slices[keep[-1]]
+        if along[i] - along[keep[-1]] > SAME_POSITION_MM:
+            keep.append(i)
+            continue
+        if not np.array_equal(_hu_volume([kept])[0], _hu_volume([slices[i]])[0]):
+            raise CTReadError(f"{slices[i].path}: duplicate slice position z={slices[i].position[2]:.3f} mm "
+                              f"with different pixel data from {kept.path.name}")
+        warnings.append(f"duplicate slice {slices[i].path.name} (a copy of {kept.path.name} at "
+                        f"z={kept.position[2]:.3f} mm) dropped")
+    return [slices[i] for i in keep], along[keep], warnings
+
+
+def _check_spacing(along: np.ndarray, slice_z: np.ndarray, source: Path) -> list[str]:
+    gaps = np.diff(along)
+    median = float(np.median(gaps))
+    missing = np.flatnonzero(gaps > MISSING_GAP * median)
+    if missing.size:
+        where = ", ".join(f"z={slice_z[i]:.2f} and {slice_z[i + 1]:.2f} mm" for i in missing[:3])
+        more = f" and {missing.size - 3} more" if missing.size > 3 else ""
+        raise CTReadError(f"{source}: missing slices: gap(s) over {MISSING_GAP}x the median spacing "
+                          f"{median:.3g} mm between {where}{more}")
+    worst = int(np.argmax(np.abs(gaps - median)))
+    deviation = abs(gaps[worst] - median) / median
+    spread = (f"slice gaps {gaps.min():.3g}-{gaps.max():.3g} mm, up to {deviation:.1%} off the median "
+              f"{median:.3g} mm (z={slice_z[worst]:.2f} to {slice_z[worst + 1]:.2f} mm)")
+    if deviation > UNEVEN_LIMIT:
+        raise CTReadError(f"{source}: uneven slice spacing: {spread} (more than {UNEVEN_LIMIT:.0%} cannot be "
+                          "corrected)")
+    if deviation > UNEVEN_WARN:
+        mean = (along[-1] - along[0]) / (len(along) - 1)
+        return [f"uneven slice spacing: {spread}; z spacing set to the mean {mean:.4g} mm, true slice "
+                "positions in slice_z"]
+    return []
+
+
+def _hu_volume(slices: list[_Slice]) -> tuple[np.ndarray, list[str]]:
+    """(z, y, x) int16 HU of sorted slices, each read straight into its plane; padding -> air."""
+    hu = np.empty((len(slices), slices[0].rows, slices[0].columns), dtype=np.int16)
+    scratch = bytearray(max(s.nbytes for s in slices))
+    clipped = 0
+    for s, out in zip(slices, hu, strict=True):
+        if s.pixel_offset is None:
+            clipped += _plane_to_hu(_gdcm_pixels(s), 1.0, 0.0, out)
+        else:
+            clipped += _plane_to_hu(_native_pixels(s, scratch), s.slope, s.intercept, out)
+        if s.padding is not None and s.padding * s.slope + s.intercept > PADDING_HU:
+            np.putmask(out, out == round(s.padding * s.slope + s.intercept), AIR_HU)
+    return hu, _clipping_warnings(clipped)
+
+
+def _native_pixels(s: _Slice, scratch: bytearray) -> np.ndarray:
+    """Uncompressed pixels of one slice, read into ``scratch`` (reused, so no allocation per slice)."""
+    try:
+        with open(s.path, "rb") as fp:
+            fp.seek(s.pixel_offset)
+            present = fp.readinto(scratch)
+    except OSError as err:
+        raise CTReadError(f"{s.path}: unreadable ({_one_line(err)})") from None
+    if present < s.nbytes:
+        raise CTReadError(f"{s.path}: {_truncated(present, s)}")
+    dtype = np.dtype(f"{'<' if s.little_endian else '>'}{'i' if s.signed else 'u'}{s.bits_allocated // 8}")
+    raw = np.frombuffer(scratch, dtype, count=s.rows * s.columns).reshape(s.rows, s.columns)
+    if s.bits_stored < s.bits_allocated:  # bits above BitsStored may hold anything (overlays)
+        shift = s.bits_allocated - s.bits_stored
+        raw = (raw << shift) >> shift if s.signed else raw & ((1 << s.bits_stored) - 1)
+    return raw
+
+
+def _gdcm_pixels(s: _Slice) -> np.ndarray:
+    """Compressed slice decoded and rescaled to HU by SimpleITK's GDCM."""
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(s.path))
+    except RuntimeError as err:
+        raise CTReadError(f"{s.path}: cannot decode pixel data ({_sitk_message(err)})") from None
+    return sitk.GetArrayFromImage(image).reshape(s.rows, s.columns)
+
+
+def _plane_to_hu(plane: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> int:
+    """Rescale one plane into ``out`` (int16 HU), padding -> air; returns how many values were clipped.
+
+    Integer data with slope 1 (nearly every CT) is shifted straight into ``out``, no float copy.
+    """
+    if plane.dtype.kind in "iu" and slope == 1 and float(intercept).is_integer():
+        low, high = int(plane.min()) + int(intercept), int(plane.max()) + int(intercept)
+        if -32768 <= low and high <= 32767:
+            np.add(plane, np.int32(intercept), out=out, casting="unsafe")
+            np.putmask(out, out <= PADDING_HU, AIR_HU)
+            return 0
+    scaled = np.rint(plane.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+    clipped = int(np.count_nonzero((scaled < -32768) | (scaled > 32767)))
+    np.clip(scaled, -32768, 32767, out=out, casting="unsafe")
+    np.putmask(out, out <= PADDING_HU, AIR_HU)
+    return clipped
+
+
+def _clipping_warnings(clipped: int) -> list[str]:
+    return [f"{clipped} voxel(s) outside the int16 range clipped to -32768..32767"] if clipped else []
+
+
+def _read_image_file(path: Path, series_uid: str | None) -> CTVolume:
+    import SimpleITK as sitk
+
+    if path.name.lower().endswith(".mhd"):
+        _check_mhd_data_file(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise CTReadError(f"{path}: not a readable image ({_sitk_message(err)})") from None
+    dimension, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
+    if dimension != 3 or components != 1:
+        raise CTReadError(f"{path}: {dimension}-D image with {components} component(s) per voxel; "
+                          "expected a 3-D greyscale CT")
+    values = sitk.GetArrayViewFromImage(image)
+    hu = np.empty(values.shape, dtype=np.int16)
+    clipped = sum(_plane_to_hu(plane, 1.0, 0.0, out) for plane, out in zip(values, hu, strict=True))
+    volume = CTVolume(hu=hu, spacing=image.GetSpacing(), origin=image.GetOrigin(),
+                      direction=image.GetDirection(), slice_z=np.empty(0), series_uid=series_uid,
+                      patient_id=None, modality=None, source=path, warnings=_clipping_warnings(clipped))
+    indices = np.zeros((len(hu), 3))
+    indices[:, 0] = np.arange(len(hu))
+    volume.slice_z = volume.index_to_world(indices)[:, 2]
+    return volume
+
+
+def _check_mhd_data_file(path: Path) -> None:
+    """SimpleITK blames the .mhd itself when its data file is missing; name the data file instead."""
+    try:
+        header = path.read_text(errors="replace")
+    except OSError as err:
+        raise CTReadError(f"{path}: unreadable ({_one_line(err)})") from None
+    match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", header, re.MULTILINE)
+    if match is None:
+        raise CTReadError(f"{path}: not a MetaImage header (no ElementDataFile line)")
+    name = match.group(1)
+    if name != "LOCAL" and " " not in name and not (path.parent / name).is_file():
+        raise CTReadError(f"{path}: its data file {name} is missing (expected next to it)")
+
+
+def _group_by_series(slices: list[_Slice]) -> dict[str, list[_Slice]]:
+    groups: dict[str, list[_Slice]] = {}
+    for s in slices:
+        groups.setdefault(s.series_uid, []).append(s)
+    return groups
+
+
+def _describe_series(groups: dict[str, list[_Slice]]) -> str:
+    return ", ".join(f"{uid} ({len(group)} files, patient {group[0].patient_id})"
+                     for uid, group in sorted(groups.items()))
+
+
+def _common_folder(slices: list[_Slice]) -> Path:
+    return Path(os.path.commonpath([s.path.parent for s in slices]))
+
+
+def _text(ds, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    return str(value).strip() or None
+
+
+def _floats(ds, keyword: str, count: int) -> tuple[float, ...] | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    numbers = tuple(float(v) for v in ([value] if isinstance(value, int | float | str) else value))
+    if len(numbers) != count:
+        raise _Problem(f"{keyword} has {len(numbers)} values, expected {count}")
+    return numbers
+
+
+def _points(points: np.ndarray, name: str) -> np.ndarray:
+    points = np.asarray(points, dtype=float)
+    if points.ndim == 0 or points.shape[-1] != 3:
+        raise ValueError(f"{name} needs points of shape (..., 3), got {points.shape}")
+    return points
+
+
+def _one_line(err: BaseException | str) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _sitk_message(err: RuntimeError) -> str:
+    """The reason in a SimpleITK/ITK exception, without C++ source locations and object addresses."""
+    text = str(err)
+    for marker in ("sitk::ERROR:", "ITK ERROR:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    return _one_line(re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):", "", text))
