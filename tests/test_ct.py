@@ -3,7 +3,6 @@ and every kind of broken input refused with one clear line (or handled with a wa
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -20,17 +19,6 @@ from naslung.data.ct import CTReadError, CTVolume, DicomSeries, find_dicom_serie
 PATIENT = "LIDC-IDRI-0001"
 SERIES_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 FIRST = 60  # the small test series are slices FIRST.. of LIDC-IDRI-0001 (by position)
-
-
-@pytest.fixture(scope="module")
-def shared_lidc() -> Path:
-    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lidc"
-    if not (root / PATIENT).is_dir():
-        message = f"the shared LIDC-IDRI test data is missing at {root}"
-        if os.environ.get("NASLUNG_REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(message + " (NASLUNG_REQUIRE_SHARED_DATA=1 requires it)")
-        pytest.skip(message)
-    return root
 
 
 @pytest.fixture(scope="module")

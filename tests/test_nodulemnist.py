@@ -93,3 +93,22 @@ def test_bad_layouts_raise_one_clear_error(tmp_path, change, message):
         prepare_nodulemnist3d(npz, tmp_path / "store")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "store").exists()
+
+
+def test_naslung_trains_on_the_official_split_only(tmp_path, capsys):
+    import json
+
+    from naslung.cli import main
+
+    write_npz(tmp_path / "nodulemnist3d.npz", medmnist_arrays())
+    assert main(["prepare", "nodulemnist3d", "--npz", str(tmp_path / "nodulemnist3d.npz"),
+                 "--data-dir", str(tmp_path / "store")]) == 0
+    assert main(["train", "--data-dir", str(tmp_path / "store"), "--arch", "4/4/4", "--epochs", "1",
+                 "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert config["crop"] == 28 and config["hu_window"] == [0, 255] and config["background"] == 0
+    assert list(json.loads((tmp_path / "run" / "metrics.json").read_text())["folds"]) == ["1"]
+    capsys.readouterr()
+    assert main(["train", "--data-dir", str(tmp_path / "store"), "--folds", "0", "--out",
+                 str(tmp_path / "other")]) == 2
+    assert "official split allows only test fold(s) [1]" in capsys.readouterr().err

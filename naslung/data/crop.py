@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from naslung.data.ct import AIR_HU
+
 CROP_SIZE = 48
 CONSENSUS_LEVEL = 0.5
-AIR_HU = -1024
 
 
 def consensus_centre(fraction: np.ndarray) -> np.ndarray:

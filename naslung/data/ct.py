@@ -104,6 +104,8 @@ class DicomSeries:
     patient_id: str | None
     folder: Path
     files: list[Path]
+    headers: list[_Slice] = field(default_factory=list, repr=False, compare=False)
+    """The headers `find_dicom_series` parsed, so reading the series does not parse them again."""
 
 
 def find_dicom_series(root: str | os.PathLike) -> tuple[list[DicomSeries], list[str]]:
@@ -115,17 +117,19 @@ def find_dicom_series(root: str | os.PathLike) -> tuple[list[DicomSeries], list[
     if not root.is_dir():
         raise CTReadError(f"{root}: no such folder")
     slices, problems = _scan(root)
-    series = [DicomSeries(uid, group[0].patient_id, _common_folder(group), [s.path for s in group])
+    series = [DicomSeries(uid, group[0].patient_id, _common_folder(group), [s.path for s in group], group)
               for uid, group in _group_by_series(slices).items()]
     series.sort(key=lambda s: (s.patient_id or "", s.series_uid))
     return series, problems
 
 
 def read_dicom_series(series: DicomSeries) -> CTVolume:
-    """Read and check one series found by `find_dicom_series`."""
+    """Read and check one series found by `find_dicom_series` (or listed by hand: then its
+    headers are read here)."""
     if not series.files:
         raise CTReadError(f"{series.folder}: series {series.series_uid} lists no files")
-    return _assemble([_read_slice(Path(path), required=True) for path in series.files], series.folder)
+    headers = series.headers or [_read_slice(Path(path), required=True) for path in series.files]
+    return _assemble(headers, series.folder)
 
 
 def read_ct(path: str | os.PathLike) -> CTVolume:
