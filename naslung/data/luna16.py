@@ -100,10 +100,7 @@ def _prepare_scan(task: _ScanTask) -> dict[str, Any]:
     from naslung.data.ct import read_ct
     from naslung.data.pylidc_compat import scan_by_series_uid
 
-    uid = task.mhd.stem
-    scan = scan_by_series_uid(uid)
-    if scan is None:
-        raise LookupError(f"series {uid} is not in pylidc's LIDC-IDRI database")
+    scan = scan_by_series_uid(task.mhd.stem)
     counts: Counter[str] = Counter()
     volume = read_ct(task.mhd)
     kept = crop_nodules(volume, scan, annotated_nodules(scan, task.rule, counts))

