@@ -90,6 +90,11 @@ class Arch:
         return "/".join(",".join(str(w) for w in stage) for stage in self.stages)
 
     @property
+    def dirname(self) -> str:
+        """A file-system-safe name for the arch: ``4,8/16/32`` -> ``4-8_16_32``."""
+        return str(self).replace("/", "_").replace(",", "-")
+
+    @property
     def depth(self) -> int:
         """Total number of residual blocks."""
         return sum(len(stage) for stage in self.stages)

@@ -199,6 +199,127 @@ def cmd_download_lidc(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- naslung search / naslung-search -------------------------------------------------------
+
+SEARCH_OPTIONS = ("widths", "min_depth", "max_depth", "epochs", "batch_size", "lr", "objective",
+                  "metric", "patience", "max_candidates", "time_budget_s", "seed", "test_fold")
+SEARCH_PRESETS: dict[str, dict] = {
+    # Minutes on two CPU cores: a tiny space, two epochs, at most 8 candidates, 60-scan phantom.
+    "smoke": {"widths": (4, 8, 16), "min_depth": 3, "max_depth": 4, "epochs": 2, "lr": 1e-3,
+              "max_candidates": 8, "limit": 60},
+    # The original's search: widths 4..128, depth 3..9, 20 epochs, front unchanged for 30.
+    "paper": {"widths": (4, 8, 16, 32, 64, 128), "min_depth": 3, "max_depth": 9, "epochs": 20,
+              "batch_size": 8, "lr": 2e-4, "patience": 30, "limit": None},
+}
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from naslung.search.driver import SearchConfig, run_search
+    from naslung.search.journal import JournalError
+
+    preset = dict(SEARCH_PRESETS.get(args.preset, {}))
+    limit = preset.pop("limit", None)
+    settings = {**preset, **{k: getattr(args, k) for k in SEARCH_OPTIONS if getattr(args, k) is not None}}
+    if isinstance(settings.get("widths"), str):
+        try:
+            settings["widths"] = tuple(int(w) for w in settings["widths"].split(","))
+        except ValueError as err:
+            raise UsageError(f"--widths {settings['widths']!r}: expected e.g. 4,8,16") from err
+    try:
+        cfg = SearchConfig(**settings)
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    store = _open_store(args.data_dir, limit, not args.no_progress)
+    out = args.out or Path("runs") / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"searching widths {list(cfg.widths)}, depth {cfg.min_depth}..{cfg.max_depth} on "
+                  f"{store.root} ({len(store)} nodules): {cfg.epochs} epochs per candidate, validation "
+                  f"fold {(cfg.test_fold + 1) % store.n_folds}, test fold {cfg.test_fold} held out -> {out}")
+    try:
+        result = run_search(store, cfg, out, device, resume=args.resume,
+                            show_progress=not args.no_progress)
+    except (JournalError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    table = Table(title=f"Pareto front ({result.stop_reason}; {result.trained} trained, "
+                        f"{result.pruned:,} pruned, {result.remaining:,} left)")
+    for column in ("arch", f"val {cfg.metric}", "params", "GFLOPs"):
+        table.add_column(column, justify="left" if column == "arch" else "right")
+    for member in result.front:
+        table.add_row(member["arch"], f"{member[cfg.metric]:.3f}", f"{member['params']:,}",
+                      f"{member['flops'] / 1e9:.3f}")
+    console.print(table)
+    console.print(f"journal, pareto.json, pareto.png and front checkpoints in {out}")
+    return 0
+
+
+def add_search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(SEARCH_PRESETS), help="smoke: minutes on a CPU "
+                   "(widths 4,8,16, depth 3..4, 2 epochs, <= 8 candidates, 60-scan phantom); "
+                   "paper: the original's settings on the full store; explicit options win")
+    p.add_argument("--data-dir", type=Path, help="crop store (default: built-in lidc-phantom)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/search-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the search journalled in --out")
+    p.add_argument("--widths", help="block widths to search, e.g. 4,8,16,32,64,128")
+    p.add_argument("--min-depth", type=int, help="fewest blocks (default 3)")
+    p.add_argument("--max-depth", type=int, help="most blocks (default 9)")
+    p.add_argument("--epochs", type=int, help="epochs per candidate (default 20)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 8)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    p.add_argument("--objective", choices=("params", "flops"), help="cost to trade accuracy against")
+    p.add_argument("--metric", choices=("accuracy", "auc"), help="validation metric (default accuracy)")
+    p.add_argument("--patience", type=int, help="stop when the front is unchanged this long (default 30)")
+    p.add_argument("--max-candidates", type=int, help="train at most this many candidates")
+    p.add_argument("--time-budget", dest="time_budget_s", type=float, help="stop after this many seconds")
+    p.add_argument("--seed", type=int, help="sampling and training seed (default 0)")
+    p.add_argument("--test-fold", type=int, help="fold held out of the search (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_search)
+
+
+SEARCH_DESCRIPTION = (
+    "Partial Order Pruning search over ConvRes architectures: train a random unpruned candidate "
+    "on the training folds, score it on the validation fold (the test fold stays held out), "
+    "prune every narrower or shallower arch that cannot beat the front, repeat. Resumable from "
+    "its journal (--resume).")
+
+
+def search_main(argv: list[str] | None = None) -> int:
+    """Entry point of `naslung-search` (the same as `naslung search`)."""
+    parser = _Parser(prog="naslung-search", description=SEARCH_DESCRIPTION)
+    add_search_options(parser)
+    return _run(parser, argv)
+
+
+# --- naslung ensemble ----------------------------------------------------------------------
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from naslung.train.ensemble import run_ensemble
+
+    pareto_file = args.run / "pareto.json"
+    try:
+        pareto = json.loads(pareto_file.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{pareto_file} is missing or unreadable: is {args.run} a search run?") from err
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    store = CropStore.open(args.data_dir or pareto.get("store") or default_phantom_dir())
+    if args.data_dir is None and pareto.get("store_sha256") not in (None, store.fingerprint):
+        raise UsageError(f"the store at {store.root} changed since the search; pass --data-dir")
+    out = args.out or args.run / "ensemble"
+    try:
+        report = run_ensemble(args.run, store, out, device, top=args.top, epochs=args.epochs,
+                              show_progress=not args.no_progress)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    console.print((out / "ensemble.md").read_text())
+    console.print(f"{len(report.archs)} member(s) cross-validated on {len(report.folds)} folds; "
+                  f"table in {out / 'ensemble.md'} and {out / 'ensemble.csv'}")
+    return 0
+
+
 # --- naslung train --------------------------------------------------------------------------
 
 def _parse_folds(text: str | None, store: CropStore) -> list[int]:
@@ -450,6 +571,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
+    add_search_options(sub.add_parser("search", help="architecture search (also naslung-search)",
+                                      description=SEARCH_DESCRIPTION))
+
+    p = sub.add_parser(
+        "ensemble", help="cross-validate a search's best front archs and ensemble them",
+        description="Train the --top front archs of a search on every fold (patient-level CV), "
+        "evaluate each, their mean-probability and majority-vote ensembles, beside a size-only "
+        "baseline (logistic regression on log diameter) with patient-bootstrap 95% intervals of "
+        "the paired differences; writes ensemble.md and ensemble.csv.")
+    p.add_argument("--run", type=Path, required=True, help="search run directory (has pareto.json)")
+    p.add_argument("--top", type=int, default=3, help="front archs to ensemble (default 3)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per fold (default 20)")
+    p.add_argument("--data-dir", type=Path, help="crop store (default: the one the search used)")
+    p.add_argument("--out", type=Path, help="output directory (default RUN/ensemble)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_ensemble)
+
     p = sub.add_parser("eval", help="score a checkpoint or a run directory on a crop store",
                        description="A run directory: each fold's model on its test fold. A "
                        "checkpoint: on --fold (default its own test fold) of --data-dir.")
@@ -462,8 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return _run(build_parser(), argv)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         return args.func(args)
     except (UsageError, ArchError, StoreError, CheckpointError, RunError, OSError) as err:
         print(f"naslung: error: {err}", file=sys.stderr)

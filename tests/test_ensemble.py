@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from naslung.arch import Arch
 from naslung.data.store import CropStore
 from naslung.train.baseline import fit_logistic, predict_logistic, size_baseline_predictions
 from naslung.train.ensemble import (
@@ -17,7 +18,6 @@ from naslung.train.ensemble import (
     MEMBER,
     VOTE,
     EnsembleError,
-    arch_dirname,
     choose_archs,
     majority_vote,
     patient_bootstrap_weights,
@@ -197,7 +197,7 @@ def test_table_rows_baseline_first(ensemble):
 def test_ensembles_combine_the_members_predictions(ensemble, store):
     _, out, report = ensemble
     ids = store.column("id")
-    members = np.stack([read_member_predictions(out / "members" / arch_dirname(a), ids)
+    members = np.stack([read_member_predictions(out / "members" / Arch.parse(a).dirname, ids)
                         for a in report.archs])
     by_kind = {r.kind: r for r in report.rows}
     np.testing.assert_allclose(by_kind[MEAN].probabilities, members.mean(axis=0))

@@ -91,11 +91,6 @@ class EnsembleReport:
     rows: list[EnsembleRow]
 
 
-def arch_dirname(arch: str) -> str:
-    """A directory name for an arch text (as the search names its checkpoints)."""
-    return arch.replace("/", "_").replace(",", "-")
-
-
 def read_pareto(search_dir: Path) -> dict[str, Any]:
     """The search's ``pareto.json``, checked to have a non-empty front scored by its metric."""
     path = Path(search_dir) / "pareto.json"
@@ -305,7 +300,7 @@ def run_ensemble(search_dir: Path, store: CropStore, out_dir: Path, device: torc
 
     members = []
     for k, cfg in enumerate(configs, 1):
-        run_dir = out_dir / "members" / arch_dirname(cfg.arch)
+        run_dir = out_dir / "members" / Arch.parse(cfg.arch).dirname
         if show_progress:
             console.print(f"member {k}/{len(configs)}: {cfg.arch} -> {run_dir}")
         cross_validate(store, cfg, run_dir, device, show_progress=show_progress)

@@ -161,8 +161,9 @@ def _selection_score(metrics: dict, select: str) -> float:
 
 
 def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cfg: TrainConfig,
-               progress: Progress | None = None) -> FoldResult:
-    """Train on ``split.train``, keep the epoch best on ``split.val``, score ``split.test`` once.
+               progress: Progress | None = None, score_test: bool = True) -> FoldResult:
+    """Train on ``split.train``, keep the epoch best on ``split.val``, score ``split.test`` once
+    (or not at all with ``score_test=False``, as the architecture search does).
 
     ``volumes`` (N, D, H, W) int16 HU and ``labels`` (N,) live on the training device.
     """
@@ -221,10 +222,12 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
             break
 
     model.load_state_dict(best_state)
-    test_idx = torch.from_numpy(split.test).to(device)
-    test_prob = predict_proba(model, volumes[test_idx], normalisation, cfg.crop,
-                              channels_last=cfg.channels_last)
-    test_metrics = binary_metrics(labels[test_idx].cpu().numpy(), test_prob)
+    test_prob, test_metrics = np.zeros(0), {}
+    if score_test:
+        test_idx = torch.from_numpy(split.test).to(device)
+        test_prob = predict_proba(model, volumes[test_idx], normalisation, cfg.crop,
+                                  channels_last=cfg.channels_last)
+        test_metrics = binary_metrics(labels[test_idx].cpu().numpy(), test_prob)
     if progress:
         progress.remove_task(task)
     return FoldResult(model.to(memory_format=torch.contiguous_format), normalisation,

@@ -1,0 +1,98 @@
+"""The search driver and its CLI: outputs, journal, resume after SIGKILL, clear errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from naslung.cli import search_main
+from naslung.search.journal import Journal
+
+SMALL = ["--widths", "4,8", "--min-depth", "3", "--max-depth", "4", "--epochs", "1",
+         "--max-candidates", "4", "--device", "cpu", "--no-progress"]
+
+
+def candidates(run):
+    return [r for r in Journal(run / "journal.jsonl").read() if r["type"] == "candidate"]
+
+
+def test_search_writes_front_plot_journal_and_checkpoints(sphere_store, tmp_path):
+    run = tmp_path / "run"
+    assert search_main(["--data-dir", str(sphere_store.root), "--out", str(run), *SMALL]) == 0
+    pareto = json.loads((run / "pareto.json").read_text())
+    assert pareto["trained"] == 4 and pareto["stop_reason"] == "candidate budget"
+    assert pareto["held_out_test_fold"] == 0 and pareto["front"]
+    assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = candidates(run)
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    assert {"arch", "score", "cost", "params", "flops", "seed", "seconds", "versions"} <= set(records[0])
+    for member in pareto["front"]:
+        assert (run / "checkpoints").is_dir() and member["checkpoint"]
+    assert len(list((run / "checkpoints").iterdir())) == len(pareto["front"])
+
+
+def test_a_killed_search_resumes_to_the_same_result(sphere_store, tmp_path):
+    args = ["--data-dir", str(sphere_store.root), *SMALL, "--epochs", "2"]
+    reference = tmp_path / "reference"
+    assert search_main([*args, "--out", str(reference)]) == 0
+
+    killed = tmp_path / "killed"
+    code = "import sys; from naslung.cli import search_main; sys.exit(search_main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(candidates(killed)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = candidates(killed)
+    assert 2 <= len(finished_before) < 4, "the kill should land mid-search"
+
+    assert search_main([*args, "--out", str(killed), "--resume"]) == 0
+    after = candidates(killed)
+    assert after[:len(finished_before)] == finished_before, "finished candidates are not retrained"
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in after]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in candidates(reference)]
+    def front(run):
+        pareto = json.loads((run / "pareto.json").read_text())
+        return [(f["arch"], f["accuracy"], f["cost"]) for f in pareto["front"]]
+
+    assert front(killed) == front(reference)
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.append({"type": "header"})
+    journal.append({"type": "candidate", "index": 1})
+    with open(journal.path, "a") as f:
+        f.write('{"type": "candidate", "ind')
+    assert [r["type"] for r in journal.read()] == ["header", "candidate"]
+    journal.drop_torn_tail()
+    journal.append({"type": "candidate", "index": 2})
+    assert [r.get("index") for r in journal.read()] == [None, 1, 2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--widths", "4,x"], "--widths"),
+    (["--objective", "latency-ms"], "invalid choice"),
+    (["--max-candidates", "0"], "max_candidates"),
+])
+def test_bad_search_arguments_exit_2(sphere_store, tmp_path, extra, message, capsys):
+    assert search_main(["--data-dir", str(sphere_store.root), "--out", str(tmp_path / "r"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_existing_journal_needs_resume_and_the_same_settings(sphere_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--data-dir", str(sphere_store.root), "--out", str(run), *SMALL, "--max-candidates", "1"]
+    assert search_main(args) == 0
+    assert search_main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert search_main([*args, "--resume", "--epochs", "3"]) == 2
+    assert "other settings" in capsys.readouterr().err
