@@ -39,16 +39,20 @@ def centred_grid(centre: np.ndarray, spacing: np.ndarray, axis_signs: np.ndarray
     return np.stack(np.meshgrid(*axes, indexing="ij"))
 
 
-def sample(array: np.ndarray, coordinates: np.ndarray, outside: float) -> np.ndarray:
-    """Trilinear values of ``array`` at ``coordinates`` (float32); ``outside`` beyond its edge."""
-    return ndimage.map_coordinates(array, coordinates, output=np.float32, order=1,
+def sample(array: np.ndarray, coordinates: np.ndarray, outside: float,
+           dtype: type = np.float32) -> np.ndarray:
+    """Trilinear values of ``array`` at ``coordinates``; ``outside`` beyond its edge."""
+    return ndimage.map_coordinates(array, coordinates, output=dtype, order=1,
                                    mode="constant", cval=outside)
 
 
 def consensus_mask(fraction: np.ndarray, coordinates: np.ndarray) -> np.ndarray:
-    """The consensus fraction sampled at ``coordinates`` (its own index space), >= 50 %."""
-    padded = np.pad(fraction.astype(np.float32), 1)  # falls off linearly outside the outlines
-    return sample(padded, coordinates + 1, 0.0) >= CONSENSUS_LEVEL
+    """The consensus fraction sampled at ``coordinates`` (its own index space), >= 50 %.
+
+    In float64: readers' fractions sit exactly on 0.5 often, and float32 rounding would move
+    voxels across the threshold."""
+    padded = np.pad(fraction.astype(np.float64), 1)  # falls off linearly outside the outlines
+    return sample(padded, coordinates + 1, 0.0, np.float64) >= CONSENSUS_LEVEL
 
 
 def hu_crop(hu: np.ndarray, coordinates: np.ndarray) -> np.ndarray:
