@@ -120,7 +120,7 @@ def _report_prepared(prepared, started: float) -> int:
     if store.manifest.get("note"):
         console.print(f"note: {store.manifest['note']}")
     for failure in prepared.failed:
-        print(f"naslung: skipped {failure.get('folder') or failure.get('file')}: {failure['error']}",
+        print(f"naslung: skipped {failure['path']}: {failure['error']}",
               file=sys.stderr)
     for line in store.manifest.get("unreadable_files", []):
         print(f"naslung: skipped file {line}", file=sys.stderr)

@@ -109,6 +109,14 @@ class _SeriesTask:
     rule: LabelRule
     part: Path
 
+    @property
+    def series_uid(self) -> str:
+        return self.series.series_uid
+
+    @property
+    def path(self) -> Path:
+        return self.series.folder
+
 
 def _prepare_series(task: _SeriesTask) -> dict[str, Any]:
     """Crop one series' nodules and keep them in its part file; returns its counts."""
@@ -145,6 +153,33 @@ def load_part(path: Path) -> NoduleCrops:
         meta = json.loads(str(part["meta"]))
         return NoduleCrops(meta["rows"], list(part["crops"]), list(part["masks"]),
                            Counter(meta["counts"]), meta["warnings"])
+
+
+@dataclass
+class ScanRun:
+    """Every scan's part (done now or in an earlier run), and the scans that failed now."""
+
+    parts: list[NoduleCrops]
+    failed: list[dict[str, str]]
+    warnings: dict[str, list[str]]
+    reused: int
+
+
+def run_scans(function: Any, tasks: list, *, workers: int | None, progress: bool,
+              description: str) -> ScanRun:
+    """Run ``function`` on the tasks (each with ``part``, ``series_uid`` and ``path``) whose part
+    file is missing, then load every part there is: the resumable core of each real-data source."""
+    todo = [t for t in tasks if not t.part.is_file()]
+    failed, warnings = [], {}
+    for outcome in run_tasks(function, todo, workers=workers, progress=progress,
+                             description=description):
+        if outcome.error is not None:
+            failed.append({"series_uid": outcome.task.series_uid, "path": str(outcome.task.path),
+                           "error": outcome.error.splitlines()[-1]})
+        elif outcome.result["warnings"]:
+            warnings[outcome.task.series_uid] = outcome.result["warnings"]
+    parts = [load_part(t.part) for t in tasks if t.part.is_file()]
+    return ScanRun(parts, failed, warnings, len(tasks) - len(todo))
 
 
 @dataclass
@@ -214,22 +249,13 @@ def prepare_lidc(root: str | os.PathLike, data_dir: str | os.PathLike | None = N
                   "consensus_level": CONSENSUS_LEVEL, "crop_version": CROP_VERSION}
     work = parts_dir(data_dir, parameters)
     tasks = [_SeriesTask(s, rule, work / f"{s.series_uid}.npz") for s in series]
-    todo = [t for t in tasks if not t.part.is_file()]
-    failed, warnings = [], {}
-    for outcome in run_tasks(_prepare_series, todo, workers=workers, progress=progress,
-                             description="lidc-idri: series"):
-        uid = outcome.task.series.series_uid
-        if outcome.error is not None:
-            failed.append({"series_uid": uid, "folder": str(outcome.task.series.folder),
-                           "error": outcome.error.splitlines()[-1]})
-        elif outcome.result["warnings"]:
-            warnings[uid] = outcome.result["warnings"]
-    parts = [load_part(t.part) for t in tasks if t.part.is_file()]
-    store = write_store(data_dir, parts, {**parameters, "seed": seed}, seed, n_folds, {
-        "source": SOURCE, "root": str(root.resolve()), "n_series": len(parts),
-        "failed": failed, "unreadable_files": unreadable, "warnings": warnings,
+    run = run_scans(_prepare_series, tasks, workers=workers, progress=progress,
+                    description="lidc-idri: series")
+    store = write_store(data_dir, run.parts, {**parameters, "seed": seed}, seed, n_folds, {
+        "source": SOURCE, "root": str(root.resolve()), "n_series": len(run.parts),
+        "failed": run.failed, "unreadable_files": unreadable, "warnings": run.warnings,
         "versions": reader_versions()})
-    return PreparedStore(store, failed, len(tasks) - len(todo))
+    return PreparedStore(store, run.failed, run.reused)
 
 
 def reader_versions() -> dict[str, str]:

@@ -32,13 +32,12 @@ from naslung.data.lidc import (
     NoduleCrops,
     PreparedStore,
     crop_nodules,
-    load_part,
     parts_dir,
     reader_versions,
+    run_scans,
     save_part,
     write_store,
 )
-from naslung.data.parallel import run_tasks
 from naslung.data.store import StoreError
 from naslung.paths import cache_root
 
@@ -93,6 +92,14 @@ class _ScanTask:
     annotations: tuple[tuple[float, float, float, float], ...]
     rule: LabelRule
     part: Path
+
+    @property
+    def series_uid(self) -> str:
+        return self.mhd.stem
+
+    @property
+    def path(self) -> Path:
+        return self.mhd
 
 
 def _prepare_scan(task: _ScanTask) -> dict[str, Any]:
@@ -150,18 +157,11 @@ def prepare_luna16(root: str | os.PathLike, annotations: str | os.PathLike,
              for subset, mhd in scans if mhd.stem in by_series]
     if not tasks:
         raise StoreError(f"none of the {len(scans)} scans under {root} has a row in {annotations}")
-    todo = [t for t in tasks if not t.part.is_file()]
-    failed, warnings = [], {}
-    for outcome in run_tasks(_prepare_scan, todo, workers=workers, progress=progress,
-                             description="luna16: scans"):
-        if outcome.error is not None:
-            failed.append({"series_uid": outcome.task.mhd.stem, "file": str(outcome.task.mhd),
-                           "error": outcome.error.splitlines()[-1]})
-        elif outcome.result["warnings"]:
-            warnings[outcome.task.mhd.stem] = outcome.result["warnings"]
-    parts = [load_part(t.part) for t in tasks if t.part.is_file()]
-    store = write_store(data_dir, parts, parameters, 0, max(N_SUBSETS, max(t.subset for t in tasks) + 1), {
+    run = run_scans(_prepare_scan, tasks, workers=workers, progress=progress,
+                    description="luna16: scans")
+    n_folds = max(N_SUBSETS, max(t.subset for t in tasks) + 1)
+    store = write_store(data_dir, run.parts, parameters, 0, n_folds, {
         "source": SOURCE, "root": str(root.resolve()), "annotations": str(Path(annotations).resolve()),
-        "n_scans": len(parts), "failed": failed, "warnings": warnings, "versions": reader_versions()},
-        folds_given=True)
-    return PreparedStore(store, failed, len(tasks) - len(todo))
+        "n_scans": len(run.parts), "failed": run.failed, "warnings": run.warnings,
+        "versions": reader_versions()}, folds_given=True)
+    return PreparedStore(store, run.failed, run.reused)
