@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
@@ -20,11 +21,17 @@ from naslung.data.augment import AIR_HU, HU_WINDOW
 from naslung.data.store import CropStore, StoreError
 from naslung.models import CBAM_VARIANTS
 from naslung.paths import cache_root, default_phantom_dir
+from naslung.search.executors import EXECUTORS
 from naslung.train.checkpoint import META_FILE, CheckpointError
 from naslung.train.crossval import RunError, cross_validate
 from naslung.train.evaluate import evaluate_checkpoint
 from naslung.train.metrics import summarise
 from naslung.train.trainer import SELECT_METRICS, TrainConfig, prefer_channels_last, resolve_device
+
+if TYPE_CHECKING:
+    import torch
+
+    from naslung.search.executors import TrialExecutor
 
 USAGE_ERROR = 2
 
@@ -215,6 +222,7 @@ SEARCH_PRESETS: dict[str, dict] = {
 
 def cmd_search(args: argparse.Namespace) -> int:
     from naslung.search.driver import SearchConfig, run_search
+    from naslung.search.executors import ExecutorError
     from naslung.search.journal import JournalError
 
     preset = dict(SEARCH_PRESETS.get(args.preset, {}))
@@ -231,13 +239,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from err
     store = _open_store(args.data_dir, limit, not args.no_progress)
+    try:
+        executor = _search_executor(args, store, device)
+    except ExecutorError as err:
+        raise UsageError(str(err)) from err
     out = args.out or Path("runs") / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"searching widths {list(cfg.widths)}, depth {cfg.min_depth}..{cfg.max_depth} on "
                   f"{store.root} ({len(store)} nodules): {cfg.epochs} epochs per candidate, validation "
                   f"fold {(cfg.test_fold + 1) % store.n_folds}, test fold {cfg.test_fold} held out -> {out}")
     try:
         result = run_search(store, cfg, out, device, resume=args.resume,
-                            show_progress=not args.no_progress)
+                            show_progress=not args.no_progress, executor=executor)
     except (JournalError, ValueError) as err:
         raise UsageError(str(err)) from err
     table = Table(title=f"Pareto front ({result.stop_reason}; {result.trained} trained, "
@@ -250,6 +262,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"journal, pareto.json, pareto.png and front checkpoints in {out}")
     return 0
+
+
+def _search_executor(args: argparse.Namespace, store: CropStore,
+                     device: torch.device) -> TrialExecutor | None:
+    """The executor the --executor, --workers and Ray options ask for (None: in-process)."""
+    from naslung.search.executors import ProcessPoolTrialExecutor, RayExecutor, RayResources
+    from naslung.search.trial import TrialData
+
+    kind = args.executor or ("process" if args.workers is not None else "inprocess")
+    if kind != "ray" and (args.ray_address or args.gpus_per_trial is not None):
+        raise UsageError("--ray-address and --gpus-per-trial need --executor ray")
+    if kind != "process" and args.workers is not None:
+        raise UsageError(f"--workers sets the local process pool; it does not apply to --executor {kind}")
+    if kind == "process":
+        return ProcessPoolTrialExecutor(store, device, 2 if args.workers is None else args.workers)
+    if kind == "ray":
+        gpus = args.gpus_per_trial if args.gpus_per_trial is not None else 0.0
+        return RayExecutor(TrialData.of(store), RayResources(args.cpus_per_trial, gpus), args.ray_address)
+    return None
 
 
 def add_search_options(p: argparse.ArgumentParser) -> None:
@@ -272,7 +303,18 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", dest="time_budget_s", type=float, help="stop after this many seconds")
     p.add_argument("--seed", type=int, help="sampling and training seed (default 0)")
     p.add_argument("--test-fold", type=int, help="fold held out of the search (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in-process and "
+                   "--workers; with cuda the workers take the GPUs in turn)")
+    p.add_argument("--executor", choices=EXECUTORS,
+                   help="where candidates train: inprocess (default), process (a local pool, see "
+                        "--workers) or ray (a local Ray runtime, or --ray-address)")
+    p.add_argument("--workers", type=int, help="train this many candidates at once in a local process "
+                   "pool, one device each (implies --executor process; default 2 there)")
+    p.add_argument("--ray-address", help="Ray cluster to join, e.g. ray://head:10001 or auto "
+                   "(default: start a local Ray runtime)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per candidate on Ray; fractions share "
+                   "a GPU between small candidates, e.g. 0.25 (default 0: CPU)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per candidate on Ray (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_search)
 

@@ -44,7 +44,7 @@ def exhaustive_front(accuracy: np.ndarray, cost: np.ndarray) -> list[int]:
 
 
 def run(pop: PartialOrderPruning, accuracy: np.ndarray) -> PartialOrderPruning:
-    while (index := pop.next_candidate()) is not None:
+    while (index := pop.draw()) is not None:
         pop.record(index, accuracy[index])
     return pop
 
@@ -80,7 +80,7 @@ def test_pop_recovers_the_exhaustive_front_of_the_full_space(full):
     accuracy, cost = oracle(full), full.flops()
     pop = PartialOrderPruning(full, cost, seed=0, patience=10**9)
     slowest = 0.0
-    while (index := pop.next_candidate()) is not None:
+    while (index := pop.draw()) is not None:
         start = time.perf_counter()
         pop.record(index, accuracy[index])
         slowest = max(slowest, time.perf_counter() - start)
@@ -113,9 +113,9 @@ def test_front_keeps_the_first_of_exact_ties_and_drops_dominated(small):
 def test_candidate_budget(small):
     pop = PartialOrderPruning(small, small.flops(), max_candidates=5, patience=10**9)
     for k in range(5):
-        index = pop.next_candidate()
+        index = pop.draw()
         pop.record_failure(index) if k == 2 else pop.record(index, float(k))
-    assert pop.stop_reason == "candidate budget" and pop.next_candidate() is None
+    assert pop.stop_reason == "candidate budget" and pop.draw() is None
     assert len(pop.trained) == 4 and pop.failed == [pop.failed[0]]
 
 
@@ -125,19 +125,19 @@ def test_patience(full):
     pop.record(int(np.argmin(cost)), 1.0)  # cheapest and best: no later arch can change the front
     for _ in range(3):
         assert pop.stop_reason is None
-        pop.record(pop.next_candidate(), 0.5)
-    assert pop.stop_reason == "front unchanged for 3 candidates" and pop.next_candidate() is None
+        pop.record(pop.draw(), 0.5)
+    assert pop.stop_reason == "front unchanged for 3 candidates" and pop.draw() is None
     assert pop.front == [int(np.argmin(cost))]
 
 
 def test_record_failure(small):
     pop = PartialOrderPruning(small, small.flops(), patience=10**9)
-    failed = pop.next_candidate()
     remaining = pop.n_remaining
+    failed = pop.draw()
     pop.record_failure(failed)
     assert pop.n_remaining == remaining - 1 and pop.failed == [failed] and pop.front == []
     drawn = []
-    while (index := pop.next_candidate()) is not None:
+    while (index := pop.draw()) is not None:
         drawn.append(index)
         pop.record(index, 0.0)
     assert failed not in drawn and failed not in pop.front
@@ -145,11 +145,56 @@ def test_record_failure(small):
         pop.record(failed, 1.0)
 
 
+def windowed_run(space: SearchSpace, accuracy: np.ndarray, slots: int, seed: int = 0) -> PartialOrderPruning:
+    """Parallel training as the search driver does it: keep `slots` draws in flight and record
+    them in draw order."""
+    pop = PartialOrderPruning(space, space.flops(), seed=seed, patience=10**9)
+    while True:
+        while len(pop.in_flight) < slots and pop.draw() is not None:
+            pass
+        if not pop.in_flight:
+            return pop
+        head = pop.in_flight[0]
+        pop.record(head, accuracy[head])
+
+
+def test_draws_in_flight_are_distinct_and_count_against_the_budget(small):
+    pop = PartialOrderPruning(small, small.flops(), max_candidates=4, patience=10**9)
+    drawn = [pop.draw() for _ in range(4)]
+    assert len(set(drawn)) == 4 and pop.in_flight == drawn
+    assert pop.stop_reason == "candidate budget" and pop.draw() is None
+    pop.record(drawn[2], 0.9)
+    pop.record_failure(drawn[0])
+    assert pop.in_flight == [drawn[1], drawn[3]] and pop.draw() is None
+
+
+def test_an_arch_pruned_while_in_flight_is_still_recorded(small):
+    cost = small.flops().astype(float)
+    pop = PartialOrderPruning(small, cost, patience=10**9)
+    drawn = pop.draw()
+    above = next(m for m in np.argsort(-cost) if m != drawn and small.below(m)[drawn])
+    pop.record(int(above), 1.0)
+    pop.record(int(np.argmin(cost)), 1.0)  # as accurate as `above` and cheaper than `drawn`
+    assert pop._pruned[drawn] and pop.in_flight == [drawn]
+    pop.record(drawn, 0.5)
+    assert pop.in_flight == [] and drawn in [e.index for e in pop.trained]
+
+
+@pytest.mark.parametrize("slots", [2, 5])
+def test_parallel_draws_still_find_the_exhaustive_front(small, slots):
+    accuracy = oracle(small)
+    pop = windowed_run(small, accuracy, slots)
+    assert pop.front == exhaustive_front(accuracy, small.flops().astype(float))
+    again = windowed_run(small, accuracy, slots)
+    assert [e.index for e in again.trained] == [e.index for e in pop.trained]  # deterministic
+    sequential = windowed_run(small, accuracy, 1)
+    print(f"{slots} in flight: {len(pop.trained)} trained, sequential: {len(sequential.trained)}")
+
+
 def journal_run(space: SearchSpace, accuracy: np.ndarray, seed: int) -> tuple[PartialOrderPruning, list]:
     """A run where every fifth candidate fails; returns it and its journal of (index, accuracy)."""
     pop, journal = PartialOrderPruning(space, space.flops(), seed=seed, patience=15), []
-    while (index := pop.next_candidate()) is not None:
-        assert pop.next_candidate() == index  # asking again before recording changes nothing
+    while (index := pop.draw()) is not None:
         if len(journal) % 5 == 4:
             pop.record_failure(index)
             journal.append((index, None))
@@ -161,7 +206,7 @@ def journal_run(space: SearchSpace, accuracy: np.ndarray, seed: int) -> tuple[Pa
 
 def state(pop: PartialOrderPruning) -> tuple:
     return (pop.front, pop.trained, pop.failed, pop.n_pruned, pop.n_remaining, pop.stop_reason,
-            pop.next_candidate())
+            pop.in_flight)
 
 
 def test_replaying_the_journal_reproduces_the_run(small):
@@ -171,7 +216,7 @@ def test_replaying_the_journal_reproduces_the_run(small):
     replay = PartialOrderPruning(small, small.flops(), seed=11, patience=15)
     for k, (index, acc) in enumerate(journal):
         if k < len(journal) // 2:  # resume: the first half is recorded without drawing
-            assert replay.next_candidate() == index
+            assert replay.draw() == index
         replay.record_failure(index) if acc is None else replay.record(index, acc)
     assert state(replay) == state(original)
     other, other_journal = journal_run(small, accuracy, seed=12)

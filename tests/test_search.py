@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from naslung.cli import search_main
 from naslung.search.journal import Journal
@@ -96,3 +97,68 @@ def test_existing_journal_needs_resume_and_the_same_settings(sphere_store, tmp_p
     assert "--resume" in capsys.readouterr().err
     assert search_main([*args, "--resume", "--epochs", "3"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def front_of(run):
+    pareto = json.loads((run / "pareto.json").read_text())
+    return [(f["arch"], f["accuracy"], f["cost"]) for f in pareto["front"]]
+
+
+def test_process_pool_trains_candidates_in_parallel_reproducibly(sphere_store, tmp_path):
+    args = ["--data-dir", str(sphere_store.root), *SMALL, "--workers", "2"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert search_main([*args, "--out", str(first)]) == 0
+    assert search_main([*args, "--out", str(second)]) == 0
+    header = Journal(first / "journal.jsonl").read()[0]
+    assert header["slots"] == 2
+    records = candidates(first)
+    assert len(records) == 4 and all(r["status"] == "ok" and r["device"] == "cpu" for r in records)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in candidates(second)]
+    assert front_of(first) == front_of(second) and front_of(first)
+    assert len(list((first / "checkpoints").iterdir())) == len(front_of(first))
+
+
+def test_resuming_with_more_slots_is_journalled_and_replays(sphere_store, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data-dir", str(sphere_store.root), "--out", str(run), *SMALL]
+    assert search_main(args) == 0
+    journal = run / "journal.jsonl"
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:2]))  # killed after one
+    assert search_main([*args, "--resume", "--workers", "2"]) == 0
+    entries = Journal(run / "journal.jsonl").read()
+    assert [e["type"] for e in entries[:3]] == ["header", "candidate", "slots"]
+    assert entries[2]["slots"] == 2 and len(candidates(run)) == 4
+    front = front_of(run)
+    assert search_main([*args, "--resume"]) == 0  # replays the slot change, trains nothing
+    assert len(candidates(run)) == 4 and front_of(run) == front
+
+
+@pytest.mark.slow
+def test_ray_local_runtime_runs_the_search(sphere_store, tmp_path):
+    pytest.importorskip("ray")
+    run = tmp_path / "ray"
+    assert search_main(["--data-dir", str(sphere_store.root), "--out", str(run), *SMALL,
+                        "--executor", "ray", "--cpus-per-trial", "1"]) == 0
+    header, *_ = Journal(run / "journal.jsonl").read()
+    records = candidates(run)
+    assert header["slots"] >= 1 and len(records) == 4
+    assert all(r["status"] == "ok" and r["device"] == "cpu" for r in records)
+    assert front_of(run) and (run / "pareto.png").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--executor", "ray", "--workers", "2"], "does not apply to --executor ray"),
+    (["--gpus-per-trial", "0.5"], "need --executor ray"),
+    (["--executor", "ray", "--gpus-per-trial", "0.5"], "GPU(s)"),
+])
+def test_bad_executor_arguments_exit_2(sphere_store, tmp_path, extra, message, capsys):
+    if "ray" in extra:
+        pytest.importorskip("ray")
+    if "--gpus-per-trial" in extra and "ray" in extra and torch.cuda.is_available():
+        pytest.skip("this machine's Ray runtime has a GPU")
+    assert search_main(["--data-dir", str(sphere_store.root), "--out", str(tmp_path / "r"), *SMALL,
+                        *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

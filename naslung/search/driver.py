@@ -15,23 +15,27 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from naslung.arch import Arch
 from naslung.console import console
 from naslung.data.store import CropStore
 from naslung.fileio import write_atomically, write_json
+from naslung.models import ConvRes
+from naslung.search.executors import InProcessExecutor, TrialExecutor
 from naslung.search.journal import Journal, JournalError
 from naslung.search.pop import PartialOrderPruning
 from naslung.search.space import SearchSpace
+from naslung.search.trial import Trial, TrialData, TrialResult
+from naslung.search.view import SearchView
 from naslung.train.checkpoint import save_checkpoint
-from naslung.train.trainer import FoldSplit, TrainConfig, prefer_channels_last, train_fold, volumes_on_device
+from naslung.train.trainer import TrainConfig
 from naslung.versions import versions
 
 OBJECTIVES = ("params", "flops")
@@ -97,22 +101,49 @@ def _score(metrics: dict[str, Any], metric: str) -> float:
     return metrics["accuracy"] if value is None or math.isnan(value) else value
 
 
-def _replay(pop: PartialOrderPruning, records: list[dict[str, Any]], metric: str) -> None:
-    """Put POP back in the state the journal's candidates left it in."""
-    for record in records:
-        index = pop.next_candidate()
-        if index != record["index"]:
-            raise JournalError(f"the journal's candidate {record['arch']} is not the one this search "
+def _fill(pop: PartialOrderPruning, slots: int) -> None:
+    """Draw until ``slots`` candidates are in flight or POP stops."""
+    while len(pop.in_flight) < slots and pop.draw() is not None:
+        pass
+
+
+def _replay(pop: PartialOrderPruning, entries: list[dict[str, Any]], slots: int) -> int:
+    """Put POP back in the state the journal left it in; returns the slots in use at its end.
+
+    The driver draws until ``slots`` candidates are in flight and records them in draw order,
+    so replaying the same draws and records, with the slot changes the journal notes, leads
+    POP through the same states.
+    """
+    for entry in entries:
+        if entry.get("type") == "slots":
+            slots = int(entry["slots"])
+            continue
+        _fill(pop, slots)
+        if not pop.in_flight or pop.in_flight[0] != entry["index"]:
+            raise JournalError(f"the journal's candidate {entry['arch']} is not the one this search "
                                "draws there: it was written by a search with other settings or code")
-        if record["status"] == "ok":
-            pop.record(index, record["score"])
+        if entry["status"] == "ok":
+            pop.record(entry["index"], entry["score"])
         else:
-            pop.record_failure(index)
+            pop.record_failure(entry["index"])
+    return slots
+
+
+def _search_cost(space: SearchSpace, cfg: SearchConfig) -> np.ndarray:
+    if cfg.objective == "params":
+        return space.params(cfg.head).astype(np.float64)
+    return space.flops(head=cfg.head).astype(np.float64)
 
 
 def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device: torch.device,
-               resume: bool = False, show_progress: bool = True) -> SearchResult:
-    """Search ``cfg``'s space on ``store`` and write the run directory (see the module doc)."""
+               resume: bool = False, show_progress: bool = True,
+               executor: TrialExecutor | None = None) -> SearchResult:
+    """Search ``cfg``'s space on ``store`` and write the run directory (see the module doc).
+
+    Trials run on ``executor`` (default: in this process on ``device``), as many at once as it
+    has slots; results are recorded in the order the candidates were drawn, so a search is
+    reproducible for a given number of slots whatever order the trials finish in.
+    """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     journal = Journal(run_dir / "journal.jsonl")
@@ -126,83 +157,111 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
                     or records[0].get("store_sha256") != header["store_sha256"]):
         raise JournalError(f"{journal.path} belongs to a search with other settings or data")
     journal.drop_torn_tail()
-    if not records:
-        journal.append(header)
-    candidates = [r for r in records if r.get("type") == "candidate"]
 
     space = SearchSpace(cfg.widths, cfg.min_depth, cfg.max_depth)
-    cost = space.params(cfg.head) if cfg.objective == "params" else space.flops(head=cfg.head)
-    pop = PartialOrderPruning(space, cost.astype(np.float64), cfg.seed, cfg.patience, cfg.max_candidates)
-    _replay(pop, candidates, cfg.metric)
-    if candidates:
-        console.print(f"resuming: {len(candidates)} candidate(s) from {journal.path}, not retrained")
+    cost = _search_cost(space, cfg)
+    pop = PartialOrderPruning(space, cost, cfg.seed, cfg.patience, cfg.max_candidates)
+    entries = [r for r in records if r.get("type") in ("candidate", "slots")]
+    journal_slots = _replay(pop, entries, records[0].get("slots", 1)) if records else None
+    scores = {r["index"]: r["score"] for r in entries if r.get("status") == "ok"}
+    if entries:
+        console.print(f"resuming: {len(pop.trained) + len(pop.failed)} candidate(s) from {journal.path}, "
+                      "not retrained")
 
-    split = FoldSplit.of(store.folds, cfg.test_fold, store.n_folds)
-    train_seconds = 0.0
-    volumes = labels = None
-    stop_reason = None
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=not show_progress, transient=True) as progress:
-        while True:
-            if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
-                stop_reason = f"time budget of {cfg.time_budget_s:g} s"
-                break
-            index = pop.next_candidate()
-            if index is None:
-                break
-            candidate = space.arch(index)
-            arch = str(candidate)
-            tcfg = TrainConfig(arch=arch, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                               head=cfg.head, cbam=cfg.cbam, select=cfg.metric, seed=cfg.seed,
-                               channels_last=prefer_channels_last(candidate, device))
-            if volumes is None:
-                volumes = volumes_on_device(store.crops, tcfg, device)
-                labels = torch.from_numpy(store.labels).to(device)
-            record = {"type": "candidate", "index": int(index), "arch": arch, "seed": cfg.seed,
-                      "params": candidate.params(cfg.head), "flops": candidate.flops(head=cfg.head),
-                      "cost": float(cost[index]),
-                      "versions": versions()}
-            train_started = time.perf_counter()
-            result, error = None, None
-            for _attempt in range(2):  # a failed trial is retried once
-                try:
-                    result = train_fold(volumes, labels, split, tcfg, progress, score_test=False)
-                    break
-                except Exception as err:  # recorded, never fatal to the search
-                    error = f"{type(err).__name__}: {err}"
-            seconds = time.perf_counter() - train_started
-            train_seconds += seconds
-            record["seconds"] = round(seconds, 3)
-            if result is None:
-                journal.append({**record, "status": "failed", "error": error})
-                pop.record_failure(index)
-                console.print(f"[red]candidate {arch} failed twice: {error}[/red]")
-                continue
-            score = _score(result.val_metrics, cfg.metric)
-            journal.append({**record, "status": "ok", "score": score, "best_epoch": result.best_epoch,
-                            "val_metrics": result.val_metrics})
-            pop.record(index, score)
-            if index in pop.front:
-                save_checkpoint(_checkpoint_dir(run_dir, arch), result.model, {
-                    "crop": tcfg.crop, "normalisation": result.normalisation.to_dict(),
-                    "val_metrics": result.val_metrics, "train_config": tcfg.to_dict(),
-                    "store_sha256": store.fingerprint, "versions": versions(), "search_index": int(index)})
-            front = ", ".join(f"{space.arch(i)} ({_front_score(pop, i):.3f})" for i in pop.front)
-            console.print(f"[{len(pop.trained)}] {arch}: val {cfg.metric} {score:.3f}, "
-                          f"{cfg.objective} {cost[index]:,.0f} | trained {len(pop.trained)}, "
-                          f"pruned {pop.n_pruned:,}, remaining {pop.n_remaining:,} | front: {front}")
-    stop_reason = stop_reason or pop.stop_reason or "stopped"
+    view = SearchView(space, cfg.objective, cfg.metric, show_progress and console.is_terminal)
+    executor = executor or InProcessExecutor(TrialData.of(store), device, view.progress)
+    view.executor = executor.description
+    if journal_slots is None:
+        journal.append({**header, "slots": executor.slots})
+    elif journal_slots != executor.slots:
+        journal.append({"type": "slots", "slots": executor.slots})
+
+    def trial(index: int) -> Trial:
+        tcfg = TrainConfig(arch=str(space.arch(index)), epochs=cfg.epochs, batch_size=cfg.batch_size,
+                           lr=cfg.lr, head=cfg.head, cbam=cfg.cbam, select=cfg.metric, seed=cfg.seed)
+        return Trial(index, tcfg, cfg.test_fold)
+
+    busy = 0.0  # seconds the driver spent handing trials over or waiting for them
+
+    def submit(index: int, attempt: int) -> None:
+        nonlocal busy
+        handed = time.perf_counter()
+        running[index] = (executor.submit(trial(index)), attempt)
+        busy += time.perf_counter() - handed
+
+    def fill() -> None:
+        if cfg.time_budget_s is None or time.perf_counter() - started <= cfg.time_budget_s:
+            _fill(pop, executor.slots)
+        for index in pop.in_flight:
+            if index not in running:
+                submit(index, 0)
+
+    running: dict[int, tuple[Future[TrialResult], int]] = {}
+    try:
+        with view:
+            fill()
+            view.update(pop, scores)
+            while pop.in_flight:
+                index = pop.in_flight[0]
+                future, attempt = running.pop(index)
+                waited = time.perf_counter()
+                error = future.exception()
+                busy += time.perf_counter() - waited
+                if error is not None and attempt == 0:  # a failed trial is retried once
+                    console.print(f"[yellow]candidate {space.arch(index)} failed ({type(error).__name__}: "
+                                  f"{error}); retrying[/yellow]")
+                    submit(index, 1)
+                    continue
+                _record(pop, journal, run_dir, store, space, cfg, index, future, scores)
+                fill()
+                view.update(pop, scores)
+    finally:
+        executor.close()
+    stop_reason = pop.stop_reason or (f"time budget of {cfg.time_budget_s:g} s"
+                                      if cfg.time_budget_s is not None else "stopped")
     wall = time.perf_counter() - started
-    return _finish(run_dir, space, pop, cfg, journal, stop_reason, train_seconds, wall)
+    return _finish(run_dir, space, pop, cfg, journal, stop_reason, busy, wall)
 
 
-def _front_score(pop: PartialOrderPruning, index: int) -> float:
-    return next(e.accuracy for e in pop.trained if e.index == index)
+def _record(pop: PartialOrderPruning, journal: Journal, run_dir: Path, store: CropStore,
+            space: SearchSpace, cfg: SearchConfig, index: int, future: Future[TrialResult],
+            scores: dict[int, float]) -> None:
+    """Journal a finished trial, tell POP, and checkpoint it if it joined the front."""
+    candidate = space.arch(index)
+    arch = str(candidate)
+    record = {"type": "candidate", "index": int(index), "arch": arch, "seed": cfg.seed,
+              "params": candidate.params(cfg.head), "flops": candidate.flops(head=cfg.head),
+              "cost": float(pop.cost[index]), "versions": versions()}
+    error = future.exception()
+    if error is not None:
+        journal.append({**record, "status": "failed", "seconds": None,
+                        "error": f"{type(error).__name__}: {error}"})
+        pop.record_failure(index)
+        console.print(f"[red]candidate {arch} failed twice: {type(error).__name__}: {error}[/red]")
+        return
+    result = future.result()
+    score = _score(result.val_metrics, cfg.metric)
+    journal.append({**record, "status": "ok", "score": score, "best_epoch": result.best_epoch,
+                    "val_metrics": result.val_metrics, "seconds": round(result.seconds, 3),
+                    "device": result.device})
+    pop.record(index, score)
+    scores[index] = score
+    if index in pop.front:
+        model = ConvRes(candidate, cbam=cfg.cbam, head=cfg.head)
+        model.load_state_dict(result.state_dict)
+        tcfg = result.train_config
+        save_checkpoint(_checkpoint_dir(run_dir, arch), model, {
+            "crop": tcfg.crop, "normalisation": result.normalisation, "val_metrics": result.val_metrics,
+            "train_config": tcfg.to_dict(), "store_sha256": store.fingerprint, "versions": versions(),
+            "search_index": int(index)})
+    front = ", ".join(f"{space.arch(i)} ({scores[i]:.3f})" for i in pop.front)
+    console.print(f"[{len(pop.trained)}] {arch}: val {cfg.metric} {score:.3f}, "
+                  f"{cfg.objective} {pop.cost[index]:,.0f}, {result.seconds:.1f} s | pruned "
+                  f"{pop.n_pruned:,}, remaining {pop.n_remaining:,} | front: {front}")
 
 
 def _finish(run_dir: Path, space: SearchSpace, pop: PartialOrderPruning, cfg: SearchConfig,
-            journal: Journal, stop_reason: str, train_seconds: float, wall: float) -> SearchResult:
+            journal: Journal, stop_reason: str, busy: float, wall: float) -> SearchResult:
     """pareto.json, pareto.png, and checkpoints of the front only."""
     header, *rest = journal.read()
     records = [r for r in rest if r.get("type") == "candidate"]
@@ -218,7 +277,7 @@ def _finish(run_dir: Path, space: SearchSpace, pop: PartialOrderPruning, cfg: Se
     for directory in sorted((run_dir / "checkpoints").glob("*")):
         if directory.name not in keep:
             shutil.rmtree(directory)
-    overhead = max(0.0, wall - train_seconds) / wall if wall > 0 else 0.0
+    overhead = max(0.0, wall - busy) / wall if wall > 0 else 0.0
     result = SearchResult(run_dir, front, stop_reason, len(pop.trained), pop.n_pruned, pop.n_remaining,
                           overhead, records)
     write_json(run_dir / "pareto.json", {

@@ -29,10 +29,12 @@ class Evaluation:
 class PartialOrderPruning:
     """The POP loop as a deterministic state machine, so a run can be replayed (resumed) from its journal.
 
-    Call `next_candidate`, train that arch, then `record` its accuracy (or `record_failure`),
-    until `next_candidate` returns None; `stop_reason` then says why. Draw k uses a generator
-    seeded with (seed, k), so asking twice before recording gives the same arch, and recording
-    the same evaluations in the same order always leads to the same candidates.
+    Call `draw` for an arch to train, then `record` its accuracy (or `record_failure`), until
+    `draw` returns None and nothing is in flight; `stop_reason` then says why. Several draws
+    may be in flight at once (parallel training): a drawn arch is never drawn again, and it is
+    recorded when its training ends even if it was pruned meanwhile. Draw k uses a generator
+    seeded with (seed, k), so the same draws and records in the same order always lead to the
+    same candidates.
     """
 
     def __init__(self, space: SearchSpace, cost: np.ndarray, seed: int = 0, patience: int = 30,
@@ -53,6 +55,7 @@ class PartialOrderPruning:
         self.max_candidates = max_candidates
         self.trained: list[Evaluation] = []
         self.failed: list[int] = []
+        self.in_flight: list[int] = []  # drawn, not yet recorded, in draw order
         self.front: list[int] = []
         self._unchanged = 0  # records since the front last changed
         self._done = np.zeros(len(space), bool)  # trained or failed
@@ -78,25 +81,38 @@ class PartialOrderPruning:
         """Why the search is over, or None while it goes on."""
         if self.n_remaining == 0:
             return "space exhausted"
-        if self.max_candidates is not None and len(self.trained) + len(self.failed) >= self.max_candidates:
+        if self.max_candidates is not None and self.n_drawn >= self.max_candidates:
             return "candidate budget"
         if self._unchanged >= self.patience:
             return f"front unchanged for {self.patience} candidates"
         return None
 
-    def next_candidate(self) -> int | None:
-        """An untrained, unpruned arch drawn uniformly at random; None when a stop rule holds."""
+    @property
+    def n_drawn(self) -> int:
+        """Archs drawn so far: trained, failed or in flight."""
+        return len(self.trained) + len(self.failed) + len(self.in_flight)
+
+    def draw(self) -> int | None:
+        """An open arch (not drawn, not pruned) chosen uniformly at random and now in flight;
+        None when a stop rule holds."""
         if self.stop_reason is not None:
             return None
         open_ = np.flatnonzero(self._open)
-        rng = np.random.default_rng([self.seed, len(self.trained) + len(self.failed)])
-        return int(open_[rng.integers(len(open_))])
+        rng = np.random.default_rng([self.seed, self.n_drawn])
+        index = int(open_[rng.integers(len(open_))])
+        self._open[index] = False
+        self.in_flight.append(index)
+        return index
 
-    def _check_new(self, index: int) -> int:
+    def _land(self, index: int) -> int:
+        """Mark an arch done (and out of flight if it was drawn); it must be new and in the space."""
         if not 0 <= index < len(self.space):
             raise ValueError(f"arch index {index} is outside the space of {len(self.space)} archs")
         if self._done[index]:
             raise ValueError(f"arch {index} ({self.space.arch(index)}) was already recorded")
+        if index in self.in_flight:
+            self.in_flight.remove(index)
+        self._done[index], self._open[index] = True, False
         return int(index)
 
     def record_failure(self, index: int) -> None:
@@ -104,18 +120,16 @@ class PartialOrderPruning:
 
         It counts against `max_candidates` (its training was spent) but not against patience.
         """
-        index = self._check_new(index)
-        self._done[index], self._open[index] = True, False
+        index = self._land(index)
         self.failed.append(index)
 
     def record(self, index: int, accuracy: float) -> None:
         """Add a finished evaluation, update the Pareto front and prune."""
-        index = self._check_new(index)
         accuracy = float(accuracy)
         if not np.isfinite(accuracy):
             raise ValueError(f"accuracy of arch {index} must be finite, got {accuracy}")
+        index = self._land(index)
         cost = float(self.cost[index])
-        self._done[index], self._open[index] = True, False
         self.trained.append(Evaluation(index, accuracy, cost))
         self._acc = np.append(self._acc, accuracy)
         self._below.append(np.packbits(self.space.below(index)))
