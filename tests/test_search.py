@@ -136,7 +136,6 @@ def test_resuming_with_more_slots_is_journalled_and_replays(sphere_store, tmp_pa
 
 @pytest.mark.slow
 def test_ray_local_runtime_runs_the_search(sphere_store, tmp_path):
-    pytest.importorskip("ray")
     run = tmp_path / "ray"
     assert search_main(["--data-dir", str(sphere_store.root), "--out", str(run), *SMALL,
                         "--executor", "ray", "--cpus-per-trial", "1"]) == 0
@@ -154,8 +153,6 @@ def test_ray_local_runtime_runs_the_search(sphere_store, tmp_path):
     (["--executor", "ray", "--gpus-per-trial", "0.5"], "GPU(s)"),
 ])
 def test_bad_executor_arguments_exit_2(sphere_store, tmp_path, extra, message, capsys):
-    if "ray" in extra:
-        pytest.importorskip("ray")
     if "--gpus-per-trial" in extra and "ray" in extra and torch.cuda.is_available():
         pytest.skip("this machine's Ray runtime has a GPU")
     assert search_main(["--data-dir", str(sphere_store.root), "--out", str(tmp_path / "r"), *SMALL,
