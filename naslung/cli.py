@@ -20,6 +20,7 @@ from naslung.console import console
 from naslung.data.augment import AIR_HU, HU_WINDOW
 from naslung.data.store import CropStore, StoreError
 from naslung.models import CBAM_VARIANTS
+from naslung.models.fused import KERNEL_CHOICES, resolve_kernels
 from naslung.paths import cache_root, default_phantom_dir
 from naslung.search.executors import EXECUTORS
 from naslung.train.checkpoint import META_FILE, CheckpointError
@@ -209,7 +210,9 @@ def cmd_download_lidc(args: argparse.Namespace) -> int:
 # --- naslung search / naslung-search -------------------------------------------------------
 
 SEARCH_OPTIONS = ("widths", "min_depth", "max_depth", "epochs", "batch_size", "lr", "objective",
-                  "metric", "patience", "max_candidates", "time_budget_s", "seed", "test_fold")
+                  "metric", "patience", "max_candidates", "time_budget_s", "seed", "test_fold", "kernels")
+KERNELS_HELP = ("auto (default): the fused Triton kernels on CUDA, plain PyTorch elsewhere; torch: "
+                "always plain PyTorch; triton: always the fused kernels (CUDA only)")
 SEARCH_PRESETS: dict[str, dict] = {
     # Minutes on two CPU cores: a tiny space, two epochs, at most 8 candidates, 60-scan phantom.
     "smoke": {"widths": (4, 8, 16), "min_depth": 3, "max_depth": 4, "epochs": 2, "lr": 1e-3,
@@ -236,6 +239,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         cfg = SearchConfig(**settings)
         device = resolve_device(args.device)
+        resolve_kernels(cfg.kernels, device)
     except ValueError as err:
         raise UsageError(str(err)) from err
     store = _open_store(args.data_dir, limit, not args.no_progress)
@@ -303,6 +307,7 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", dest="time_budget_s", type=float, help="stop after this many seconds")
     p.add_argument("--seed", type=int, help="sampling and training seed (default 0)")
     p.add_argument("--test-fold", type=int, help="fold held out of the search (default 0)")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, help=KERNELS_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in-process and "
                    "--workers; with cuda the workers take the GPUs in turn)")
     p.add_argument("--executor", choices=EXECUTORS,
@@ -411,7 +416,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                            else args.channels_last),
             crop=args.crop or int(manifest.get("crop", TrainConfig.crop)),
             hu_window=tuple(manifest.get("intensity_window", HU_WINDOW)),
-            background=float(manifest.get("background_value", AIR_HU)))
+            background=float(manifest.get("background_value", AIR_HU)), kernels=args.kernels)
+        kernels = resolve_kernels(cfg.kernels, device)
     except ValueError as err:
         raise UsageError(str(err)) from err
     folds = _parse_folds(args.folds, store)
@@ -422,7 +428,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.print(f"training {cfg.arch} ({Arch.parse(cfg.arch).params(cfg.head):,} params) on "
                   f"{store.root} ({len(store)} nodules), folds {folds}, {cfg.epochs} epochs, "
                   f"batch {cfg.batch_size}, lr {cfg.lr:g}, {args.loss} loss, device {device}"
-                  f"{' (channels_last_3d)' if cfg.channels_last else ''} -> {out}")
+                  f"{' (channels_last_3d)' if cfg.channels_last else ''}, {kernels} kernels -> {out}")
     try:
         run = cross_validate(store, cfg, out, device, folds, show_progress=not args.no_progress)
     except ValueError as err:  # a fold whose train, validation or test set is empty
@@ -608,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="train in channels_last_3d memory layout (default: where it is faster, "
                    "i.e. on the CPU for archs of >= 0.5 GFLOPs per crop)")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto", help=KERNELS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

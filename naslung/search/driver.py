@@ -28,6 +28,7 @@ from naslung.console import console
 from naslung.data.store import CropStore
 from naslung.fileio import write_atomically, write_json
 from naslung.models import ConvRes
+from naslung.models.fused import KERNEL_CHOICES
 from naslung.search.executors import InProcessExecutor, TrialExecutor
 from naslung.search.journal import Journal, JournalError
 from naslung.search.pop import PartialOrderPruning
@@ -61,6 +62,7 @@ class SearchConfig:
     test_fold: int = 0
     head: str = "asoftmax"
     cbam: str = "nas-lung"
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -71,6 +73,8 @@ class SearchConfig:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1 candidate, got {self.patience}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNEL_CHOICES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that must match on resume (the time budget may change)."""
@@ -178,7 +182,8 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
 
     def trial(index: int) -> Trial:
         tcfg = TrainConfig(arch=str(space.arch(index)), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           lr=cfg.lr, head=cfg.head, cbam=cfg.cbam, select=cfg.metric, seed=cfg.seed)
+                           lr=cfg.lr, head=cfg.head, cbam=cfg.cbam, select=cfg.metric, seed=cfg.seed,
+                           kernels=cfg.kernels)
         return Trial(index, tcfg, cfg.test_fold)
 
     busy = 0.0  # seconds the driver spent handing trials over or waiting for them

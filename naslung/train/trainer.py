@@ -18,6 +18,7 @@ from rich.progress import Progress
 from naslung.arch import Arch
 from naslung.data.augment import AIR_HU, HU_WINDOW, Augmenter, Normalisation, centre_crop, pad_volumes
 from naslung.models import ConvRes, make_loss
+from naslung.models.fused import KERNEL_CHOICES, fuse, resolve_kernels
 from naslung.train.metrics import binary_metrics
 
 SELECT_METRICS = ("auc", "accuracy")
@@ -46,6 +47,7 @@ class TrainConfig:
     patience: int | None = None
     seed: int = 0
     channels_last: bool = False
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         Arch.parse(self.arch)
@@ -61,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"the seed must lie in 0..2**32-1, got {self.seed}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 epoch, got {self.patience}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNEL_CHOICES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,6 +178,8 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
     memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
 
     model = ConvRes(Arch.parse(cfg.arch), cbam=cfg.cbam, head=cfg.head)
+    if resolve_kernels(cfg.kernels, device) == "triton":
+        model = fuse(model, inplace=True)
     model = model.to(device=device, memory_format=memory_format)
     loss_fn = make_loss(model.head)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)

@@ -1,0 +1,86 @@
+"""ConvRes on the Triton kernels: the same modules, the same state_dicts, fused forward passes.
+
+Each fused module subclasses the reference module it replaces and only overrides ``forward``,
+so parameters, buffers and state_dict keys are the reference's: a checkpoint saved from one
+loads into the other. `fuse` turns a reference ConvRes into its fused form.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+
+from naslung.models.blocks import ConvBNReLU, ResidualBlock
+from naslung.models.cbam import ResidualCBAM, WooCBAM
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+class FusedConvBNReLU(ConvBNReLU):
+    """Conv3d + BatchNorm3d + ReLU (+ a residual added after the ReLU) in fused kernels."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        from naslung.kernels.batchnorm import conv_bn_relu
+
+        bn = self.bn
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average, as torch does
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        return conv_bn_relu(x, self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean,
+                            bn.running_var, training=bn.training, momentum=momentum, eps=bn.eps,
+                            stride=self.conv.stride[0], padding=self.conv.padding[0], residual=residual)
+
+
+class FusedResidualBlock(ResidualBlock):
+    """The residual block with the sum fused into conv2's normalise-and-ReLU pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x), residual=self.shortcut(x))
+
+
+class FusedResidualCBAM(ResidualCBAM):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from naslung.kernels.cbam import cbam
+
+        return cbam(x, self.fc1.weight, self.fc2.weight, self.spatial_conv.weight, "nas-lung")
+
+
+class FusedWooCBAM(WooCBAM):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from naslung.kernels.cbam import cbam
+
+        return cbam(x, self.fc1.weight, self.fc2.weight, self.spatial_conv.weight, "woo")
+
+
+FUSED = {ConvBNReLU: FusedConvBNReLU, ResidualBlock: FusedResidualBlock,
+         ResidualCBAM: FusedResidualCBAM, WooCBAM: FusedWooCBAM}
+"""Reference module class -> its fused subclass."""
+
+
+def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` with every reference block swapped for its fused subclass (weights shared when
+    ``inplace``, else copied). The state_dict is unchanged."""
+    model = model if inplace else copy.deepcopy(model)
+    for module in model.modules():
+        fused = FUSED.get(type(module))
+        if fused is not None:
+            module.__class__ = fused
+    return model
+
+
+def resolve_kernels(choice: str, device: torch.device) -> str:
+    """``auto`` -> triton on CUDA, torch elsewhere; ``triton`` off CUDA only under the
+    Triton interpreter (TRITON_INTERPRET=1), which is for tests, not for speed."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernels {choice!r}; choose from {', '.join(KERNEL_CHOICES)}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--kernels triton needs a CUDA device (on the CPU the Triton kernels run only "
+                         "under TRITON_INTERPRET=1, for testing); use --kernels torch or auto")
+    return choice
