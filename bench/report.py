@@ -2,6 +2,9 @@
 
 One row per benchmark: group, provider, median time and its ratio to the group's baseline:
 the provider whose ``extra_info`` says ``baseline: true``, else ``eager`` (below 1.00 is faster).
+A benchmark whose ``extra_info`` has a ``status`` other than ``ok`` (the GPU suite records
+providers that ran out of memory, failed or were not measured) shows that status and its
+reason in a note column instead of a time.
 
     python bench/report.py /tmp/bench_cpu.json
 """
@@ -12,7 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-PROVIDER_ORDER = ("eager", "channels_last_3d", "compile")
+PROVIDER_ORDER = ("eager", "channels_last_3d", "bf16", "bf16_channels_last_3d", "graphs", "compile",
+                  "triton", "triton_graphs")
 
 
 def provider_of(bench: dict) -> str:
@@ -22,24 +26,61 @@ def provider_of(bench: dict) -> str:
 def table(benchmarks: list[dict]) -> str:
     """The Markdown table of ``benchmarks`` (pytest-benchmark's ``benchmarks`` list)."""
     groups: dict[str, dict[str, float]] = {}
+    notes: dict[tuple[str, str], str] = {}
     baselines: dict[str, str] = {}
     for bench in benchmarks:
         group = bench.get("group") or bench["name"]
-        groups.setdefault(group, {})[provider_of(bench)] = bench["stats"]["median"] * 1e3
-        if bench.get("extra_info", {}).get("baseline"):
-            baselines[group] = provider_of(bench)
+        provider, extra = provider_of(bench), bench.get("extra_info", {})
+        groups.setdefault(group, {})[provider] = bench["stats"]["median"] * 1e3
+        status = extra.get("status", "ok")
+        if status != "ok":
+            notes[group, provider] = f"{status}: {extra.get('reason', '')}".rstrip(": ")
+        if extra.get("baseline"):
+            baselines[group] = provider
 
     def order(provider: str) -> tuple[int, str]:
         known = provider in PROVIDER_ORDER
         return (PROVIDER_ORDER.index(provider) if known else len(PROVIDER_ORDER), provider)
 
-    lines = ["| group | provider | median ms | vs baseline |", "|---|---|---:|---:|"]
+    header = "| group | provider | median ms | vs baseline |"
+    rule = "|---|---|---:|---:|"
+    if notes:
+        header, rule = header + " note |", rule + "---|"
+    lines = [header, rule]
     for group, medians in groups.items():
-        base = medians.get(baselines.get(group, "eager"))
+        base_provider = baselines.get(group, "eager")
+        base = None if (group, base_provider) in notes else medians.get(base_provider)
         for provider in sorted(medians, key=order):
+            note = notes.get((group, provider))
+            if note is not None:
+                lines.append(f"| {group} | {provider} | - | - | {_cell(note)} |")
+                continue
             ratio = f"{medians[provider] / base:.2f}x" if base else "n/a"
-            lines.append(f"| {group} | {provider} | {medians[provider]:,.1f} | {ratio} |")
+            row = f"| {group} | {provider} | {_ms(medians[provider])} | {ratio} |"
+            lines.append(row + " |" if notes else row)
     return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    """Milliseconds with one decimal from 10 ms up, three significant digits below (GPU layers)."""
+    return f"{value:,.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def gpu_line(data: dict) -> str | None:
+    """The device and settings the GPU suite stored with its results, if it did."""
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if "device_name" in info:
+            return (f"GPU: {info['device_name']} ({info.get('capability', '?')}), torch {info['torch']}, "
+                    f"triton {info['triton']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}, "
+                    f"Python {info.get('python', '?')}; cuDNN TF32 {info.get('cudnn_allow_tf32')}, "
+                    f"matmul TF32 {info.get('matmul_allow_tf32')}, cudnn.benchmark "
+                    f"{info.get('cudnn_benchmark')}")
+    return None
 
 
 def machine_line(data: dict) -> str:
@@ -63,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     if not data.get("benchmarks"):
         parser.error(f"{args.json_file} holds no benchmarks; was the suite skipped?")
     print(machine_line(data))
+    gpu = gpu_line(data)
+    if gpu:
+        print()
+        print(gpu)
     print()
     print(table(data["benchmarks"]))
 
