@@ -79,16 +79,16 @@ def _prune(configs, named_args, **kwargs):
     return [config for config in configs if config.kwargs["BLOCK_C"] == block_c]
 
 
-def _autotune(configs: list[triton.Config]):
+def _autotune(configs: list[triton.Config], key: tuple[str, ...] = ("S", "C", "RESIDUAL")):
     if _INTERPRET:
-        return triton.autotune([INTERPRETER_CONFIG], key=["S", "C"])
-    return triton.autotune(configs, key=["S", "C"], prune_configs_by={"early_config_prune": _prune})
+        return triton.autotune([INTERPRETER_CONFIG], key=list(key))
+    return triton.autotune(configs, key=list(key), prune_configs_by={"early_config_prune": _prune})
 
 
 # --------------------------------------------------------------------------- forward kernels
 
 
-@_autotune(CHANNEL_POOL_CONFIGS)
+@_autotune(CHANNEL_POOL_CONFIGS, key=("S", "C"))
 @triton.jit
 def _channel_pool_kernel(x_ptr, sum_ptr, max_ptr, count_ptr, S, C, chunk, n_chunks,
                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -119,7 +119,7 @@ def _channel_pool_kernel(x_ptr, sum_ptr, max_ptr, count_ptr, S, C, chunk, n_chun
     tl.store(count_ptr + out, count, mask=c_ok)
 
 
-@_autotune(SPATIAL_POOL_CONFIGS)
+@_autotune(SPATIAL_POOL_CONFIGS, key=("S", "C"))
 @triton.jit
 def _spatial_pool_kernel(x_ptr, w_ptr, pool_ptr, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per voxel: max_c(x*w), mean_c(x*w) and how many channels hold the max -> pool (N, 3, S)."""
@@ -160,7 +160,7 @@ def _spatial_gate_kernel(x_ptr, w_ptr, pool_ptr, k_ptr, gate_ptr, out_ptr, S, C,
     s_ok = offs_s < S
     d = offs_s // (H * W)
     h = (offs_s // W) % H
-    x_ = offs_s % W
+    col = offs_s % W
     pool = pool_ptr + n.to(tl.int64) * 3 * S
     z = tl.zeros([BLOCK_S], tl.float32)
     for kd in tl.static_range(3):
@@ -168,7 +168,7 @@ def _spatial_gate_kernel(x_ptr, w_ptr, pool_ptr, k_ptr, gate_ptr, out_ptr, S, C,
             for kw in tl.static_range(3):
                 nd = d + (kd - 1)
                 nh = h + (kh - 1)
-                nw = x_ + (kw - 1)
+                nw = col + (kw - 1)
                 ok = s_ok & (nd >= 0) & (nd < D) & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
                 neighbour = (nd * H + nh) * W + nw
                 tap = kd * 9 + kh * 3 + kw
@@ -234,7 +234,7 @@ def _spatial_grad_kernel(dz_ptr, pool_ptr, k_ptr, e_ptr, dk_ptr, S, C, D, H, W, 
     s_ok = offs_s < S
     d = offs_s // (H * W)
     h = (offs_s // W) % H
-    x_ = offs_s % W
+    col = offs_s % W
     pool = pool_ptr + n.to(tl.int64) * 3 * S
     dz_base = dz_ptr + n.to(tl.int64) * S
     dz = tl.load(dz_base + offs_s, mask=s_ok, other=0.0)
@@ -248,7 +248,7 @@ def _spatial_grad_kernel(dz_ptr, pool_ptr, k_ptr, e_ptr, dk_ptr, S, C, D, H, W, 
                 # the voxel this tap reads in the forward conv centred here
                 nd = d + (kd - 1)
                 nh = h + (kh - 1)
-                nw = x_ + (kw - 1)
+                nw = col + (kw - 1)
                 ok = s_ok & (nd >= 0) & (nd < D) & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
                 neighbour = (nd * H + nh) * W + nw
                 tl.store(dk_row + tap, tl.sum(dz * tl.load(pool + neighbour, mask=ok, other=0.0)))
@@ -256,7 +256,7 @@ def _spatial_grad_kernel(dz_ptr, pool_ptr, k_ptr, e_ptr, dk_ptr, S, C, D, H, W, 
                 # the conv centre whose tap reads this voxel
                 md = d - (kd - 1)
                 mh = h - (kh - 1)
-                mw = x_ - (kw - 1)
+                mw = col - (kw - 1)
                 ok = s_ok & (md >= 0) & (md < D) & (mh >= 0) & (mh < H) & (mw >= 0) & (mw < W)
                 source = tl.load(dz_base + (md * H + mh) * W + mw, mask=ok, other=0.0)
                 d_max += tl.load(k_ptr + tap) * source
@@ -419,6 +419,7 @@ class CBAMFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         xl, fc1, fc2, kernel, avg, cmax, cmax_count, weights, pool, gate = ctx.saved_tensors
         residual = ctx.residual
