@@ -300,7 +300,10 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="epochs per candidate (default 20)")
     p.add_argument("--batch-size", type=int, help="batch size (default 8)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
-    p.add_argument("--objective", choices=("params", "flops"), help="cost to trade accuracy against")
+    p.add_argument("--objective", choices=("params", "flops", "latency"),
+                   help="cost to trade accuracy against (default params); latency: batch-1 inference "
+                        "on --device, predicted from a table of block latencies measured once and cached "
+                        "(see naslung latency)")
     p.add_argument("--metric", choices=("accuracy", "auc"), help="validation metric (default accuracy)")
     p.add_argument("--patience", type=int, help="stop when the front is unchanged this long (default 30)")
     p.add_argument("--max-candidates", type=int, help="train at most this many candidates")
@@ -336,6 +339,36 @@ def search_main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="naslung-search", description=SEARCH_DESCRIPTION)
     add_search_options(parser)
     return _run(parser, argv)
+
+
+# --- naslung latency -----------------------------------------------------------------------
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from naslung.search.latency import latency_table, predict, rank_correlation
+    from naslung.search.space import SearchSpace
+
+    try:
+        widths = tuple(int(w) for w in args.widths.split(","))
+        space = SearchSpace(widths, args.min_depth, args.max_depth)
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    table = latency_table(space, device, cbam=args.cbam, head=args.head, refresh=args.refresh,
+                          progress=not args.no_progress)
+    predicted = predict(space, table)
+    console.print(f"latency table for {table.facts.get('device_name', device)}: {len(table.blocks)} blocks, "
+                  f"batch {table.facts['batch']}, crop {table.facts['crop']}^3; predicted batch-1 latency of "
+                  f"the {len(space):,} archs: {predicted.min():.2f} .. {predicted.max():.2f} ms")
+    if args.sample:
+        result = rank_correlation(space, table, args.sample, args.seed, progress=not args.no_progress)
+        rows = Table(title=f"predicted vs measured whole-model latency ({args.sample} random archs)")
+        for column in ("arch", "predicted ms", "measured ms"):
+            rows.add_column(column, justify="left" if column == "arch" else "right")
+        for index, pred, meas in zip(result.indices, result.predicted, result.measured, strict=True):
+            rows.add_row(str(space.arch(int(index))), f"{pred:.2f}", f"{meas:.2f}")
+        console.print(rows)
+        console.print(f"Spearman rank correlation {result.rho:.3f} (p = {result.pvalue:.2g})")
+    return 0
 
 
 # --- naslung ensemble ----------------------------------------------------------------------
@@ -622,6 +655,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_search_options(sub.add_parser("search", help="architecture search (also naslung-search)",
                                       description=SEARCH_DESCRIPTION))
+
+    p = sub.add_parser(
+        "latency", help="measure the per-device block latency table and check it against whole models",
+        description="Measure (once, then cached) the batch-1 latency of every block the search space "
+        "contains on --device, predict every arch's latency as the sum of its blocks, and with "
+        "--sample N time N random whole models and report the rank correlation.")
+    p.add_argument("--widths", default="4,8,16,32,64,128", help="block widths of the space")
+    p.add_argument("--min-depth", type=int, default=3)
+    p.add_argument("--max-depth", type=int, default=9)
+    p.add_argument("--cbam", choices=CBAM_VARIANTS, default="nas-lung")
+    p.add_argument("--head", choices=HEAD_KINDS, default="asoftmax")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--sample", type=int, default=20, help="whole models to time (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refresh", action="store_true", help="measure everything anew")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_latency)
 
     p = sub.add_parser(
         "ensemble", help="cross-validate a search's best front archs and ensemble them",

@@ -159,3 +159,26 @@ def test_bad_executor_arguments_exit_2(sphere_store, tmp_path, extra, message, c
                         *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_latency_objective_ranks_by_the_table_kept_in_the_run(sphere_store, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NASLUNG_CACHE", str(cache))
+    run = tmp_path / "run"
+    args = ["--data-dir", str(sphere_store.root), "--out", str(run), *SMALL, "--objective", "latency"]
+    assert search_main(args) == 0
+    pareto = json.loads((run / "pareto.json").read_text())
+    assert pareto["objective"] == "latency" and (run / "latency.json").is_file()
+    records = candidates(run)
+    assert all(0 < r["cost"] < 10_000 for r in records)  # milliseconds of a batch-1 forward pass
+    cached_tables = list(cache.glob("latency/*.json"))
+    assert cached_tables
+    for cached in cached_tables:  # the machine's cache changes (re-measured)...
+        table = json.loads(cached.read_text())
+        table["blocks"] = {k: v * 2 for k, v in table["blocks"].items()}
+        cached.write_text(json.dumps(table))
+    journal = run / "journal.jsonl"
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:3]))
+    assert search_main([*args, "--resume"]) == 0  # ...a resumed search ranks by the run's own table
+    resumed = candidates(run)
+    assert [(r["arch"], r["cost"]) for r in resumed] == [(r["arch"], r["cost"]) for r in records]

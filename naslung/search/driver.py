@@ -31,6 +31,7 @@ from naslung.models import ConvRes
 from naslung.models.fused import KERNEL_CHOICES
 from naslung.search.executors import InProcessExecutor, TrialExecutor
 from naslung.search.journal import Journal, JournalError
+from naslung.search.latency import LatencyTable, latency_table, search_cost
 from naslung.search.pop import PartialOrderPruning
 from naslung.search.space import SearchSpace
 from naslung.search.trial import Trial, TrialData, TrialResult
@@ -39,7 +40,7 @@ from naslung.train.checkpoint import save_checkpoint
 from naslung.train.trainer import TrainConfig
 from naslung.versions import versions
 
-OBJECTIVES = ("params", "flops")
+OBJECTIVES = ("params", "flops", "latency")
 METRICS = ("accuracy", "auc")
 
 
@@ -133,10 +134,20 @@ def _replay(pop: PartialOrderPruning, entries: list[dict[str, Any]], slots: int)
     return slots
 
 
-def _search_cost(space: SearchSpace, cfg: SearchConfig) -> np.ndarray:
-    if cfg.objective == "params":
-        return space.params(cfg.head).astype(np.float64)
-    return space.flops(head=cfg.head).astype(np.float64)
+def _search_cost(space: SearchSpace, cfg: SearchConfig, run_dir: Path, device: torch.device,
+                 progress: bool) -> np.ndarray:
+    """Every arch's cost for ``cfg.objective``. A latency search keeps the table it ranks by in
+    ``latency.json`` of its run directory, so that a resumed search (on any machine) ranks by
+    the same numbers."""
+    table = None
+    if cfg.objective == "latency":
+        saved = run_dir / "latency.json"
+        if saved.exists():
+            table = LatencyTable.load(saved)
+        else:
+            table = latency_table(space, device, cbam=cfg.cbam, head=cfg.head, progress=progress)
+            table.save(saved)
+    return search_cost(space, cfg.objective, head=cfg.head, table=table)
 
 
 def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device: torch.device,
@@ -163,7 +174,7 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
     journal.drop_torn_tail()
 
     space = SearchSpace(cfg.widths, cfg.min_depth, cfg.max_depth)
-    cost = _search_cost(space, cfg)
+    cost = _search_cost(space, cfg, run_dir, device, show_progress)
     pop = PartialOrderPruning(space, cost, cfg.seed, cfg.patience, cfg.max_candidates)
     entries = [r for r in records if r.get("type") in ("candidate", "slots")]
     journal_slots = _replay(pop, entries, records[0].get("slots", 1)) if records else None
