@@ -210,7 +210,10 @@ def cmd_download_lidc(args: argparse.Namespace) -> int:
 # --- naslung search / naslung-search -------------------------------------------------------
 
 SEARCH_OPTIONS = ("widths", "min_depth", "max_depth", "epochs", "batch_size", "lr", "objective",
-                  "metric", "patience", "max_candidates", "time_budget_s", "seed", "test_fold", "kernels")
+                  "metric", "patience", "max_candidates", "time_budget_s", "seed", "test_fold", "kernels",
+                  "cuda_graphs")
+CUDA_GRAPHS_HELP = ("replay each training step as one CUDA graph (CUDA only; static shapes, the ragged "
+                    "last batch runs eagerly)")
 KERNELS_HELP = ("auto (default): the fused Triton kernels on CUDA, plain PyTorch elsewhere; torch: "
                 "always plain PyTorch; triton: always the fused kernels (CUDA only)")
 SEARCH_PRESETS: dict[str, dict] = {
@@ -240,6 +243,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         cfg = SearchConfig(**settings)
         device = resolve_device(args.device)
         resolve_kernels(cfg.kernels, device)
+        _check_cuda_graphs(cfg.cuda_graphs, device)
     except ValueError as err:
         raise UsageError(str(err)) from err
     store = _open_store(args.data_dir, limit, not args.no_progress)
@@ -266,6 +270,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"journal, pareto.json, pareto.png and front checkpoints in {out}")
     return 0
+
+
+def _check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError("--cuda-graphs needs a CUDA device; drop it on the CPU")
 
 
 def _search_executor(args: argparse.Namespace, store: CropStore,
@@ -311,6 +320,7 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="sampling and training seed (default 0)")
     p.add_argument("--test-fold", type=int, help="fold held out of the search (default 0)")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, help=KERNELS_HELP)
+    p.add_argument("--cuda-graphs", action="store_true", default=None, help=CUDA_GRAPHS_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in-process and "
                    "--workers; with cuda the workers take the GPUs in turn)")
     p.add_argument("--executor", choices=EXECUTORS,
@@ -449,8 +459,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                            else args.channels_last),
             crop=args.crop or int(manifest.get("crop", TrainConfig.crop)),
             hu_window=tuple(manifest.get("intensity_window", HU_WINDOW)),
-            background=float(manifest.get("background_value", AIR_HU)), kernels=args.kernels)
+            background=float(manifest.get("background_value", AIR_HU)), kernels=args.kernels,
+            cuda_graphs=args.cuda_graphs)
         kernels = resolve_kernels(cfg.kernels, device)
+        _check_cuda_graphs(cfg.cuda_graphs, device)
     except ValueError as err:
         raise UsageError(str(err)) from err
     folds = _parse_folds(args.folds, store)
@@ -648,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in channels_last_3d memory layout (default: where it is faster, "
                    "i.e. on the CPU for archs of >= 0.5 GFLOPs per crop)")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto", help=KERNELS_HELP)
+    p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

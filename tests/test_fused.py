@@ -56,3 +56,10 @@ def test_triton_kernels_on_the_cpu_is_a_usage_error(sphere_store, tmp_path, caps
     code = main(["train", "--data-dir", str(sphere_store.root), "--device", "cpu", "--kernels", "triton",
                  "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"])
     assert code == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_cuda_graphs_on_the_cpu_is_a_usage_error(sphere_store, tmp_path, capsys, command):
+    code = main([command, "--data-dir", str(sphere_store.root), "--device", "cpu", "--cuda-graphs",
+                 "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2 and "--cuda-graphs needs a CUDA device" in capsys.readouterr().err

@@ -64,6 +64,7 @@ class SearchConfig:
     head: str = "asoftmax"
     cbam: str = "nas-lung"
     kernels: str = "auto"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -194,7 +195,7 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
     def trial(index: int) -> Trial:
         tcfg = TrainConfig(arch=str(space.arch(index)), epochs=cfg.epochs, batch_size=cfg.batch_size,
                            lr=cfg.lr, head=cfg.head, cbam=cfg.cbam, select=cfg.metric, seed=cfg.seed,
-                           kernels=cfg.kernels)
+                           kernels=cfg.kernels, cuda_graphs=cfg.cuda_graphs)
         return Trial(index, tcfg, cfg.test_fold)
 
     busy = 0.0  # seconds the driver spent handing trials over or waiting for them

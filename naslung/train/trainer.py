@@ -19,6 +19,7 @@ from naslung.arch import Arch
 from naslung.data.augment import AIR_HU, HU_WINDOW, Augmenter, Normalisation, centre_crop, pad_volumes
 from naslung.models import ConvRes, make_loss
 from naslung.models.fused import KERNEL_CHOICES, fuse, resolve_kernels
+from naslung.train.graphs import TrainStep
 from naslung.train.metrics import binary_metrics
 
 SELECT_METRICS = ("auc", "accuracy")
@@ -48,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     channels_last: bool = False
     kernels: str = "auto"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         Arch.parse(self.arch)
@@ -173,6 +175,8 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
     """
     started = time.perf_counter()
     device = volumes.device
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise ValueError("--cuda-graphs needs a CUDA device; drop it on the CPU")
     torch.manual_seed(cfg.seed * 1_000 + split.test_fold)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000 + split.test_fold)
     memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
@@ -182,7 +186,8 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
         model = fuse(model, inplace=True)
     model = model.to(device=device, memory_format=memory_format)
     loss_fn = make_loss(model.head)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, capturable=cfg.cuda_graphs)
+    step = TrainStep(model, loss_fn, optimizer, cuda_graphs=cfg.cuda_graphs)
     augment = Augmenter(cfg.crop, cfg.shift, True, cfg.zero_out)
     train_idx = torch.from_numpy(split.train).to(device)
     normalisation = Normalisation.fit(volumes[train_idx], cfg.crop, *cfg.hu_window)
@@ -204,11 +209,8 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
         for batch in order.split(cfg.batch_size):
             x = augment(volumes[batch], normalisation, generator)
             x = x.contiguous(memory_format=memory_format)
-            loss = loss_fn(model(x), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(batch)
+            loss = step(x, labels[batch])
+            loss_sum += loss * len(batch)
             if progress:
                 progress.advance(task)
         train_loss = loss_sum.item() / len(train_idx)
