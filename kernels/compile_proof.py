@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,27 +85,37 @@ def all_specs() -> list[KernelSpec]:
     return [spec for name in KERNEL_MODULES for spec in importlib.import_module(name).compile_specs()]
 
 
+def _build(job: tuple[str, int, int]) -> dict[str, Any]:
+    """Compile spec ``index`` of kernel module ``module`` for ``capability``: one report row."""
+    module, index, capability = job
+    spec = importlib.import_module(module).compile_specs()[index]
+    row: dict[str, Any] = {"kernel": spec.name, "sm": capability, "num_warps": spec.num_warps,
+                           "num_stages": spec.num_stages}
+    try:
+        built = compile_kernel(spec, capability)
+        row.update(registers=built.registers, shared=built.shared, local=built.local, fits=built.fits)
+    except Exception as err:  # report every failure, not just the first
+        row["error"] = f"{type(err).__name__}: {err}"[:2000]
+    return row
+
+
 def main() -> int:
-    """Compile everything for every target; one JSON line per build, exit 1 if one fails.
+    """Compile everything for every target in parallel; one JSON line per build, exit 1 if one
+    fails, does not fit or spills.
 
     Run as ``python -m naslung.kernels.compile_proof`` (without TRITON_INTERPRET set).
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
+    jobs = [(module, index, capability) for module in KERNEL_MODULES
+            for index in range(len(importlib.import_module(module).compile_specs()))
+            for capability in TARGETS]
     failed = 0
-    for spec in all_specs():
-        for capability in TARGETS:
-            row = {"kernel": spec.name, "sm": capability, "num_warps": spec.num_warps,
-                   "num_stages": spec.num_stages}
-            try:
-                built = compile_kernel(spec, capability)
-                row.update(registers=built.registers, shared=built.shared, local=built.local,
-                           fits=built.fits)
-                failed += not built.fits or built.local > 0
-            except Exception as err:  # report every failure, not just the first
-                row["error"] = f"{type(err).__name__}: {err}"[:2000]
-                failed += 1
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=context) as pool:
+        for row in pool.map(_build, jobs):
+            failed += "error" in row or not row["fits"] or row["local"] > 0
             print(json.dumps(row), flush=True)
     return 1 if failed else 0
 
