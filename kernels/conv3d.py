@@ -12,13 +12,16 @@ NDHWC, and the outputs come back in that memory format.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .compile_proof import KernelSpec
 
-INTERPRET = bool(triton.knobs.runtime.interpret)
+INTERPRET = (bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")
+             else os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"))
 """Under TRITON_INTERPRET=1 every kernel launches one large-tile config (DESIGN.md section 5)."""
 
 GEOMETRIES = ((3, 1), (3, 2), (1, 1))
@@ -72,7 +75,10 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="ieee")
 
 
-@triton.autotune(configs=_configs("fwd", FWD_CONFIGS), key=["M", "C_in", "C_out", "KSIZE", "STRIDE"])
+# Zeroing the tile counts makes tiles that the chosen config does not use (but a benchmarked
+# one did) count for nothing in the BN finalize.
+@triton.autotune(configs=_configs("fwd", FWD_CONFIGS), key=["M", "C_in", "C_out", "KSIZE", "STRIDE"],
+                 reset_to_zero=["pcount_ptr"])
 @triton.jit
 def _conv3d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, psum_ptr, pm2_ptr, pcount_ptr,
