@@ -182,3 +182,47 @@ def test_latency_objective_ranks_by_the_table_kept_in_the_run(sphere_store, tmp_
     assert search_main([*args, "--resume"]) == 0  # ...a resumed search ranks by the run's own table
     resumed = candidates(run)
     assert [(r["arch"], r["cost"]) for r in resumed] == [(r["arch"], r["cost"]) for r in records]
+
+
+def test_a_trial_that_fails_twice_is_journalled_as_failed(sphere_store, tmp_path):
+    from naslung.search.driver import SearchConfig, run_search
+    from naslung.search.executors import InProcessExecutor
+    from naslung.search.trial import TrialData
+
+    data = TrialData.of(sphere_store)
+    broken = TrialData(data.crops, data.labels + 2, data.folds, data.n_folds, data.fingerprint)  # 2 classes
+    cfg = SearchConfig(widths=(4, 8), min_depth=3, max_depth=4, epochs=1, max_candidates=3)
+    result = run_search(sphere_store, cfg, tmp_path / "run", torch.device("cpu"), show_progress=False,
+                        executor=InProcessExecutor(broken, torch.device("cpu")))
+    records = candidates(tmp_path / "run")
+    assert [r["status"] for r in records] == ["failed"] * 3 and all(r["error"] for r in records)
+    assert result.front == [] and result.stop_reason == "candidate budget"
+    assert (tmp_path / "run" / "pareto.png").is_file()
+
+
+def test_a_killed_worker_process_is_retried_in_a_fresh_pool(sphere_store, tmp_path):
+    import os
+    import threading
+
+    from naslung.search.driver import SearchConfig, run_search
+    from naslung.search.executors import ProcessPoolTrialExecutor
+
+    executor = ProcessPoolTrialExecutor(sphere_store, torch.device("cpu"), 2)
+    killed = []
+
+    def kill_a_worker() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(executor.pool._processes or {}) < 2:
+            time.sleep(0.05)
+        time.sleep(2.0)  # the workers have started their first trials
+        pid = next(iter(executor.pool._processes))
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    threading.Thread(target=kill_a_worker, daemon=True).start()
+    cfg = SearchConfig(widths=(4, 8), min_depth=3, max_depth=4, epochs=1, max_candidates=4)
+    run_search(sphere_store, cfg, tmp_path / "run", torch.device("cpu"), show_progress=False,
+               executor=executor)
+    assert killed
+    records = candidates(tmp_path / "run")
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)

@@ -319,7 +319,10 @@ def _plot(path: Path, records: list[dict[str, Any]], front: list[dict[str, Any]]
     ax.step([f["cost"] for f in front], [f[cfg.metric] for f in front], where="post", c="C3")
     ax.scatter([f["cost"] for f in front], [f[cfg.metric] for f in front], s=30, c="C3",
                label="Pareto front")
-    ax.set_xscale("log")
+    if ok:
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no candidate trained successfully", ha="center", transform=ax.transAxes)
     ax.set_xlabel(cfg.objective)
     ax.set_ylabel(f"validation {cfg.metric}")
     ax.set_title(f"POP search: {len(ok)} trained, {len(front)} on the front")
