@@ -7,9 +7,10 @@ The compile provider costs minutes of compiling per model on a CPU, so it is opt
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
+
+from naslung.versions import cpu_model
 
 COMPILE_ENV = "NASLUNG_BENCH_COMPILE"
 
@@ -37,18 +38,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("provider") == "compile":
             item.add_marker(skip)
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name, from /proc/cpuinfo where there is one."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def platform_info() -> dict[str, str | int]:

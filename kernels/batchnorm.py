@@ -21,10 +21,9 @@ from .compile_proof import KernelSpec
 from .conv3d import (
     INTERPRET,
     channels_last,
-    conv3d_dgrad,
+    conv3d_backward,
     conv3d_forward,
     conv3d_relu,
-    conv3d_wgrad,
     stats_tiles,
 )
 
@@ -263,13 +262,7 @@ class ConvBNReLUFunction(torch.autograd.Function):
         stride, padding, has_bias, has_residual = ctx.conf
         dy = channels_last(dy)
         dz, dgamma, dbeta = bn_relu_backward(dy, z, mean, rstd, scale, shift)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = conv3d_dgrad(dz, weight, x.shape, stride, padding)
-        if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-            dw, db = conv3d_wgrad(x, dz, weight.shape, stride, padding, bias=has_bias)
-            dw = dw.to(weight.dtype)
-            db = db.to(weight.dtype) if db is not None else None
+        dx, dw, db = conv3d_backward(ctx, x, weight, dz, stride, padding, has_bias)
         dgamma, dbeta = dgamma.to(ctx.gamma_dtype), dbeta.to(ctx.gamma_dtype)
         return dx, dw, db, dgamma, dbeta, dy if has_residual else None, None, None, None, None, None, None
 

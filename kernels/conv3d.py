@@ -381,6 +381,20 @@ def conv3d_wgrad(x: torch.Tensor, dy: torch.Tensor, weight_shape, stride: int, p
     return dw, (db if bias else None)
 
 
+def conv3d_backward(ctx, x: torch.Tensor, weight: torch.Tensor, dz: torch.Tensor, stride: int, padding: int,
+                    has_bias: bool) -> tuple[torch.Tensor | None, ...]:
+    """The input, weight and bias gradients of a conv whose output gradient is ``dz``, each only
+    if the autograd context ``ctx`` (inputs x, weight, bias first) needs it."""
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = conv3d_dgrad(dz, weight, x.shape, stride, padding)
+    if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
+        dw, db = conv3d_wgrad(x, dz, weight.shape, stride, padding, bias=has_bias)
+        dw = dw.to(weight.dtype)
+        db = db.to(weight.dtype) if db is not None else None
+    return dx, dw, db
+
+
 class Conv3dFunction(torch.autograd.Function):
     """conv3d (+ bias) (-> relu) (+ residual) with Triton forward, dgrad and wgrad."""
 
@@ -402,13 +416,7 @@ class Conv3dFunction(torch.autograd.Function):
         stride, padding, relu, has_bias, has_residual = ctx.conf
         dy = channels_last(dy)
         dz = dy * (y > 0) if relu else dy
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = conv3d_dgrad(dz, weight, x.shape, stride, padding)
-        if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-            dw, db = conv3d_wgrad(x, dz, weight.shape, stride, padding, bias=has_bias)
-            dw = dw.to(weight.dtype)
-            db = db.to(weight.dtype) if db is not None else None
+        dx, dw, db = conv3d_backward(ctx, x, weight, dz, stride, padding, has_bias)
         return dx, dw, db, (dy if has_residual else None), None, None, None, None
 
 

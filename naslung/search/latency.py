@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import re
 import time
@@ -41,6 +40,7 @@ from naslung.fileio import write_json
 from naslung.models import CBAM_VARIANTS, ConvBNReLU, ConvRes, ResidualBlock, make_cbam, make_head
 from naslung.paths import cache_root
 from naslung.search.space import SearchSpace
+from naslung.versions import cpu_model
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -166,18 +166,6 @@ def build_block(block: Block | str, *, crop: int = 32, batch: int = 1, cbam: str
     return module, (batch, block.cin, size, size, size)
 
 
-def _cpu_name() -> str:
-    """The CPU's model name, from /proc/cpuinfo where there is one."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
 def _device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
@@ -214,7 +202,7 @@ def current_facts(device: str | torch.device = "cpu", *, batch: int = 1, crop: i
     if head not in HEAD_KINDS:
         raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEAD_KINDS)}")
     dev = _device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
     gpu_flags = "none"
     if dev.type == "cuda":  # they change which conv kernels run
         gpu_flags = (f"cudnn.benchmark={torch.backends.cudnn.benchmark},"
