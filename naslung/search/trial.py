@@ -56,17 +56,17 @@ class TrialResult:
     device: str
 
 
-_volumes: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-"""The store on each device this process trained on, kept between trials (one store at a time)."""
+_volumes: dict[tuple, torch.Tensor] = {}
+"""The store's crops on each device this process trained on, kept between trials (one store at
+a time): copying and padding them is the costly part; labels are moved per trial."""
 
 
 def _on_device(data: TrialData, cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (data.fingerprint, str(device), cfg.crop + 2 * cfg.shift, cfg.background)
     if key not in _volumes:
         _volumes.clear()
-        _volumes[key] = (volumes_on_device(data.crops, cfg, device),
-                         torch.from_numpy(np.asarray(data.labels)).to(device))
-    return _volumes[key]
+        _volumes[key] = volumes_on_device(data.crops, cfg, device)
+    return _volumes[key], torch.from_numpy(np.asarray(data.labels)).to(device)
 
 
 def run_trial(trial: Trial, data: TrialData, device: torch.device,
