@@ -38,11 +38,11 @@ def test_pop_step_on_the_full_space(benchmark, full_space):
     oracle = np.log(full_space.params().astype(np.float64))  # monotone in the partial order
     pop = PartialOrderPruning(full_space, cost, seed=0, patience=10_000)
     for _ in range(50):
-        index = pop.next_candidate()
+        index = pop.draw()
         pop.record(index, float(oracle[index]))
 
     def step() -> None:
-        index = pop.next_candidate()
+        index = pop.draw()
         pop.record(index, float(oracle[index]))
 
     benchmark.pedantic(step, rounds=30, iterations=1)
