@@ -87,8 +87,7 @@ def test_pop_recovers_the_exhaustive_front_of_the_full_space(full):
     assert pop.front == exhaustive_front(accuracy, cost.astype(float))
     print(f"POP evaluated {len(pop.trained)} of {len(full)} archs; front of {len(pop.front)}; "
           f"slowest record {slowest * 1e3:.1f} ms")
-    assert len(pop.trained) < len(full) / 10
-    assert slowest < 0.5
+    assert len(pop.trained) < len(full) / 10  # the speed of a record is bench/test_bench_search.py's
 
 
 def test_front_keeps_the_first_of_exact_ties_and_drops_dominated(small):
