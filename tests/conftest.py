@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +54,13 @@ def shared_lidc() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return SHARED_LIDC
+
+
+def run_interpreted(test_file: str) -> subprocess.CompletedProcess:
+    """Run ``test_file`` in a child pytest with TRITON_INTERPRET=1: Triton binds its own helpers
+    to the interpreter or the compiler when first imported, so it cannot switch in-process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider",
+                           "-o", "addopts=", "-W", "ignore::UserWarning"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=900)

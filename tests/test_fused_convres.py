@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_interpreted
 
 from naslung.models import ConvRes, make_loss
 from naslung.models.fused import fuse
@@ -30,11 +28,7 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INT
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process")
 def test_fused_convres_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                           "-o", "addopts=", "-W", "ignore::UserWarning"],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = run_interpreted(__file__)
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 

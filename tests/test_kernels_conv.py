@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_interpreted
 
 from naslung.models.blocks import ConvBNReLU, ResidualBlock
 
@@ -40,11 +38,7 @@ BF16_REL = 2e-2
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process")
 def test_kernels_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                           "-o", "addopts=", "-W", "ignore::UserWarning"],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = run_interpreted(__file__)
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
