@@ -19,6 +19,8 @@ from naslung.arch import HEAD_KINDS, Arch, ArchError
 from naslung.console import console
 from naslung.data.augment import AIR_HU, HU_WINDOW
 from naslung.data.store import CropStore, StoreError
+from naslung.export.ensemble import ExportError
+from naslung.export.metadata import ModelError
 from naslung.models import CBAM_VARIANTS
 from naslung.models.fused import KERNEL_CHOICES, resolve_kernels
 from naslung.paths import cache_root, default_phantom_dir
@@ -348,6 +350,35 @@ def search_main(argv: list[str] | None = None) -> int:
     """Entry point of `naslung-search` (the same as `naslung search`)."""
     parser = _Parser(prog="naslung-search", description=SEARCH_DESCRIPTION)
     add_search_options(parser)
+    return _run(parser, argv)
+
+
+# --- naslung export / naslung-export -------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from naslung.export.deploy import TensorRTSkipped, export_run, print_report
+
+    if args.opset < 17:
+        raise UsageError(f"--opset must be >= 17, got {args.opset}")
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
+    out = args.out or args.run / "export"
+    try:
+        report = export_run(args.run, out, opset=args.opset, trt=args.trt, precision=args.precision,
+                            max_batch=args.max_batch)
+    except TensorRTSkipped as err:
+        raise UsageError(str(err)) from err
+    print_report(report)
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Entry point of `naslung-export` (the same as `naslung export`)."""
+    from naslung.export.deploy import DESCRIPTION, add_export_options
+
+    parser = _Parser(prog="naslung-export", description=DESCRIPTION)
+    add_export_options(parser)
+    parser.set_defaults(func=cmd_export)
     return _run(parser, argv)
 
 
@@ -701,6 +732,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ensemble)
 
+    from naslung.export.deploy import DESCRIPTION as EXPORT_DESCRIPTION
+    from naslung.export.deploy import add_export_options
+
+    p = sub.add_parser("export", help="the ensemble as one ONNX graph (and a TensorRT engine)",
+                       description=EXPORT_DESCRIPTION)
+    add_export_options(p)
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("eval", help="score a checkpoint or a run directory on a crop store",
                        description="A run directory: each fold's model on its test fold. A "
                        "checkpoint: on --fold (default its own test fold) of --data-dir.")
@@ -720,7 +759,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
         return args.func(args)
-    except (UsageError, ArchError, StoreError, CheckpointError, RunError, OSError) as err:
+    except (UsageError, ArchError, StoreError, CheckpointError, RunError, ExportError, ModelError,
+            OSError) as err:
         print(f"naslung: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -45,6 +45,13 @@ class _CBAMParameters(nn.Module):
         """The spatial attention map, shape (N, 1, D, H, W), that the block applies."""
         return self.spatial_map(self.channel_gated(x))
 
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's output and the spatial attention map it applied (to explain a prediction)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_attention(x)[0]
+
 
 class ResidualCBAM(_CBAMParameters):
     """CBAM as NAS-Lung's search code has it (DESIGN.md section 3).
@@ -58,8 +65,9 @@ class ResidualCBAM(_CBAMParameters):
         weights = torch.softmax(self.channel_scores(x, hidden_activation=False), dim=1)
         return x * weights[:, :, None, None, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x) * x + x  # the block input, not the channel-gated map
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = self.attention(x)
+        return attention * x + x, attention  # the block input, not the channel-gated map
 
 
 class WooCBAM(_CBAMParameters):
@@ -74,9 +82,10 @@ class WooCBAM(_CBAMParameters):
         gate = torch.sigmoid(self.channel_scores(x, hidden_activation=True))
         return x * gate[:, :, None, None, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gated = self.channel_gated(x)
-        return self.spatial_map(gated) * gated
+        attention = self.spatial_map(gated)
+        return attention * gated, attention
 
 
 def make_cbam(channels: int, variant: str = "nas-lung") -> _CBAMParameters:

@@ -58,5 +58,14 @@ class ConvRes(nn.Module):
             x = stage(x)
         return self.pool(x).flatten(1)
 
+    def explained_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last stage's feature map (N, C, d, h, w), which the head sees through average
+        pooling, and the stem CBAM's spatial attention (N, 1, D, H, W) at input resolution:
+        what a Grad-CAM and an attention overlay are made from."""
+        x, attention = self.stem_cbam.forward_with_attention(self.stem(x))
+        for stage in self.stages:
+            x = stage(x)
+        return x, attention
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -1,0 +1,151 @@
+"""`naslung-export`: a run directory in, a deployable export directory out.
+
+Export directory layout::
+
+    model.onnx           the ensemble as one ONNX graph, metadata inside (no side files needed)
+    model.fp16.onnx      with --trt --precision fp16: the same graph computing in fp16
+    model.engine         with --trt: the TensorRT engine, and model.engine.json its sidecar
+    export.json          what was exported from where, the parity check and versions
+
+Every file is written atomically; the ONNX file is written (and checked) before TensorRT is
+tried, so a machine without TensorRT still gets the ONNX and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from naslung.console import console
+from naslung.export.ensemble import DeployedEnsemble, load_ensemble
+from naslung.export.metadata import OUTPUT_NAMES
+from naslung.export.onnx_export import OPSET, export_onnx
+from naslung.export.runners import OnnxRunner, Outputs
+from naslung.fileio import write_json
+
+PARITY_TOLERANCE = 1e-5
+"""Largest |ONNX Runtime - PyTorch| accepted on the probabilities (fp32)."""
+ONNX_FILE, FP16_ONNX_FILE = "model.onnx", "model.fp16.onnx"
+ENGINE_FILE, REPORT_FILE = "model.engine", "export.json"
+
+
+class TensorRTSkipped(RuntimeError):
+    """The ONNX was exported, but the TensorRT engine could not be built here."""
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    onnx: Path
+    members: list[str]
+    parity: dict[str, float]
+    engine: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def check_crops(crop: int, count: int = 4, seed: int = 0) -> np.ndarray:
+    """Nodule-like HU crops for the export-time parity check: a solid sphere of random size in
+    noisy aerated lung, so that every member sees realistic, varied inputs."""
+    rng = np.random.default_rng(seed)
+    axis = np.arange(crop) - (crop - 1) / 2
+    radius2 = sum(np.meshgrid(axis, axis, axis, indexing="ij")[i] ** 2 for i in range(3))
+    crops = rng.normal(-850, 60, (count, crop, crop, crop))
+    for crop_hu, r in zip(crops, rng.uniform(2, crop / 3, count), strict=True):
+        crop_hu[radius2 <= r * r] = rng.normal(30, 40)
+    return crops.astype(np.float32)
+
+
+def parity(ensemble: DeployedEnsemble, runner: OnnxRunner, crops: np.ndarray) -> dict[str, float]:
+    """Largest absolute difference per output between ONNX Runtime and the PyTorch reference."""
+    with torch.no_grad():
+        tensors = ensemble(torch.from_numpy(crops[:, None]))
+    reference = Outputs.from_named({n: t.numpy() for n, t in zip(OUTPUT_NAMES, tensors, strict=True)})
+    exported = runner.run(crops)
+    return {name: float(np.abs(getattr(exported, name).astype(np.float64) - getattr(reference, name)).max())
+            for name in OUTPUT_NAMES}
+
+
+def export_run(run: str | Path, out_dir: str | Path, *, opset: int = OPSET, trt: bool = False,
+               precision: str = "fp32", max_batch: int = 64) -> ExportReport:
+    """Export the ensemble of ``run`` into ``out_dir``; TensorRT last, and only with ``trt``.
+
+    Raises `TensorRTSkipped` after the ONNX is written when TensorRT is wanted but unavailable.
+    """
+    out_dir = Path(out_dir)
+    ensemble = load_ensemble(run)
+    onnx_path = export_onnx(ensemble, out_dir / ONNX_FILE, opset)
+    runner = OnnxRunner(onnx_path)
+    differences = parity(ensemble, runner, check_crops(ensemble.metadata.crop))
+    if differences["probability"] > PARITY_TOLERANCE:
+        onnx_path.unlink()
+        raise RuntimeError(f"ONNX Runtime differs from PyTorch by {differences['probability']:.2e} "
+                           f"in probability (> {PARITY_TOLERANCE}); nothing exported")
+    report = ExportReport(out_dir, onnx_path, ensemble.metadata.archs, differences)
+    write_json(out_dir / REPORT_FILE, _report_json(report, run, ensemble, opset))
+    if trt:
+        _build_tensorrt(report, ensemble, precision, max_batch, opset)
+        write_json(out_dir / REPORT_FILE, _report_json(report, run, ensemble, opset))
+    return report
+
+
+def _build_tensorrt(report: ExportReport, ensemble: DeployedEnsemble, precision: str, max_batch: int,
+                    opset: int) -> None:
+    from naslung.export.tensorrt import TensorRTUnavailable, build_engine, tensorrt_available
+
+    missing = tensorrt_available()
+    if missing is not None:
+        raise TensorRTSkipped(f"{missing}; the ONNX model is in {report.onnx}")
+    source = report.onnx
+    if precision == "fp16":
+        source = export_onnx(ensemble.to_precision("fp16"), report.out_dir / FP16_ONNX_FILE, opset)
+    try:
+        report.engine = build_engine(source, report.out_dir / ENGINE_FILE, max_batch=max_batch,
+                                     precision=precision)
+    except TensorRTUnavailable as err:
+        raise TensorRTSkipped(f"{err}; the ONNX model is in {report.onnx}") from err
+
+
+def _report_json(report: ExportReport, run: str | Path, ensemble: DeployedEnsemble, opset: int) -> dict:
+    return {"run": str(Path(run).resolve()), "onnx": report.onnx.name, "opset": opset,
+            "engine": report.engine.name if report.engine else None,
+            "members": [m.__dict__ for m in ensemble.metadata.members],
+            "parity_max_abs_difference": report.parity,
+            "versions": {**ensemble.metadata.versions, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__}}
+
+
+# --- command line ---------------------------------------------------------------------------
+
+DESCRIPTION = (
+    "Export a trained ensemble (a `naslung ensemble` directory, a search run holding one, a "
+    "cross-validation run or one checkpoint) as ONE ONNX graph: HU crops in; mean malignancy "
+    "probability, member probabilities, majority vote, CBAM attention and Grad-CAM out; "
+    "BatchNorm folded, dynamic batch, crop/HU window/normalisation/archs/label rule/versions in "
+    "its metadata. Of each member's fold models the one with the best validation score is "
+    "used. The ONNX Runtime output is checked against PyTorch before anything is kept. With "
+    "--trt also a TensorRT engine (needs an NVIDIA GPU and `pip install 'naslung[trt]'`).")
+
+
+def add_export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, required=True,
+                   help="ensemble dir, search run with ensemble/, cross-validation run or checkpoint")
+    p.add_argument("--out", type=Path, help="export directory (default RUN/export)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, >= 17 (default {OPSET})")
+    p.add_argument("--trt", action="store_true", help="also build a TensorRT engine")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="TensorRT engine precision (fp16 builds from an fp16 ONNX)")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch of the engine (default 64)")
+
+
+def print_report(report: ExportReport) -> None:
+    console.print(f"exported {len(report.members)} member(s) ({', '.join(report.members)}) to "
+                  f"{report.onnx}; ONNX Runtime vs PyTorch: max |difference| in probability "
+                  f"{report.parity['probability']:.1e}")
+    if report.engine:
+        console.print(f"TensorRT engine {report.engine} (sidecar {report.engine}.json)")
