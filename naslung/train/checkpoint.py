@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +48,15 @@ def load_checkpoint(path: str | os.PathLike,
     try:
         meta = json.loads(meta_file.read_text())
         model = ConvRes(Arch.parse(meta["arch"]), cbam=meta["cbam"], head=meta["head"])
+    except (KeyError, TypeError, ValueError, OSError) as err:
+        raise CheckpointError(f"checkpoint {directory} is unusable: {err}") from err
+    try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError, OSError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"checkpoint {directory} is unusable: {err}") from err
+    except Exception as err:  # a damaged file makes the unpickler raise almost anything
+        reason = (str(err).splitlines() or ["damaged"])[0]
+        raise CheckpointError(f"checkpoint {directory} is unusable: {type(err).__name__} reading "
+                              f"{WEIGHTS_FILE}: {reason}") from err
     return model.to(device).eval(), meta
 
 
