@@ -133,8 +133,9 @@ DESCRIPTION = (
 
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", type=Path, required=True,
-                   help="ensemble dir, search run with ensemble/, cross-validation run or checkpoint")
+    p.add_argument("--run", type=Path,
+                   help="ensemble dir, search run with ensemble/, cross-validation run or checkpoint "
+                   "(default: the newest runs/*/ with an ensemble/)")
     p.add_argument("--out", type=Path, help="export directory (default RUN/export)")
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, >= 17 (default {OPSET})")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine")

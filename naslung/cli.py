@@ -18,6 +18,7 @@ from rich.table import Table
 from naslung.arch import HEAD_KINDS, Arch, ArchError
 from naslung.console import console
 from naslung.data.augment import AIR_HU, HU_WINDOW
+from naslung.data.ct import CTReadError
 from naslung.data.store import CropStore, StoreError
 from naslung.export.ensemble import ExportError
 from naslung.export.metadata import ModelError
@@ -362,6 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"--opset must be >= 17, got {args.opset}")
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
+    args.run = args.run or newest_run("*/ensemble/ensemble.csv", "ensemble").parent.parent
     out = args.out or args.run / "export"
     try:
         report = export_run(args.run, out, opset=args.opset, trt=args.trt, precision=args.precision,
@@ -414,9 +416,27 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 # --- naslung ensemble ----------------------------------------------------------------------
 
+ENSEMBLE_PRESETS: dict[str, dict] = {
+    # About a minute on two CPU cores after `naslung-search --preset smoke`.
+    "smoke": {"top": 2, "epochs": 2},
+}
+
+
+def newest_run(pattern: str, what: str) -> Path:
+    """The most recently modified ``runs/<pattern>`` (for commands run in sequence without --run)."""
+    runs = sorted(Path("runs").glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UsageError(f"no {what} under ./runs: pass --run")
+    console.print(f"using the newest {what}: {runs[-1]}")
+    return runs[-1]
+
+
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from naslung.train.ensemble import run_ensemble
 
+    preset = ENSEMBLE_PRESETS.get(args.preset, {})
+    top, epochs = args.top or preset.get("top", 3), args.epochs or preset.get("epochs", 20)
+    args.run = args.run or newest_run("search-*/pareto.json", "search run").parent
     pareto_file = args.run / "pareto.json"
     try:
         pareto = json.loads(pareto_file.read_text())
@@ -431,7 +451,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         raise UsageError(f"the store at {store.root} changed since the search; pass --data-dir")
     out = args.out or args.run / "ensemble"
     try:
-        report = run_ensemble(args.run, store, out, device, top=args.top, epochs=args.epochs,
+        report = run_ensemble(args.run, store, out, device, top=top, epochs=epochs,
                               show_progress=not args.no_progress)
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -723,9 +743,13 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate each, their mean-probability and majority-vote ensembles, beside a size-only "
         "baseline (logistic regression on log diameter) with patient-bootstrap 95% intervals of "
         "the paired differences; writes ensemble.md and ensemble.csv.")
-    p.add_argument("--run", type=Path, required=True, help="search run directory (has pareto.json)")
-    p.add_argument("--top", type=int, default=3, help="front archs to ensemble (default 3)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs per fold (default 20)")
+    p.add_argument("--run", type=Path,
+                   help="search run directory (has pareto.json; default: the newest runs/search-*)")
+    p.add_argument("--preset", choices=sorted(ENSEMBLE_PRESETS),
+                   help="smoke: top 2, 2 epochs per fold (about a minute on a CPU after the smoke "
+                   "search); explicit options win")
+    p.add_argument("--top", type=int, help="front archs to ensemble (default 3)")
+    p.add_argument("--epochs", type=int, help="epochs per fold (default 20)")
     p.add_argument("--data-dir", type=Path, help="crop store (default: the one the search used)")
     p.add_argument("--out", type=Path, help="output directory (default RUN/ensemble)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -739,6 +763,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description=EXPORT_DESCRIPTION)
     add_export_options(p)
     p.set_defaults(func=cmd_export)
+
+    from naslung.predict.command import DESCRIPTION as PREDICT_DESCRIPTION
+    from naslung.predict.command import add_predict_options
+
+    p = sub.add_parser("predict", help="malignancy of the nodules in a CT, with attention maps",
+                       description=PREDICT_DESCRIPTION)
+    add_predict_options(p)
 
     p = sub.add_parser("eval", help="score a checkpoint or a run directory on a crop store",
                        description="A run directory: each fold's model on its test fold. A "
@@ -760,7 +791,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
         return args.func(args)
     except (UsageError, ArchError, StoreError, CheckpointError, RunError, ExportError, ModelError,
-            OSError) as err:
+            CTReadError, OSError) as err:
         print(f"naslung: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
