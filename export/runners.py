@@ -48,7 +48,7 @@ class Outputs:
         return cls(**out)
 
 
-def _check_crops(crops: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
+def model_input(crops: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
     """(N, crop, crop, crop) float32 HU -> the model input (N, 1, crop, crop, crop)."""
     crops = np.asarray(crops, dtype=np.float32)
     side = metadata.crop
@@ -69,7 +69,7 @@ class TorchRunner:
         self.device = torch.device(device)
 
     def run(self, crops: np.ndarray) -> Outputs:
-        x = torch.from_numpy(_check_crops(crops, self.metadata)).to(self.device)
+        x = torch.from_numpy(model_input(crops, self.metadata)).to(self.device)
         with torch.no_grad():
             tensors = self.ensemble(x)
         return Outputs.from_named({name: t.cpu().numpy() for name, t in zip(OUTPUT_NAMES, tensors,
@@ -106,7 +106,7 @@ class OnnxRunner:
             raise ModelError(f"{self.path}: inputs {inputs} and outputs {outputs} are not a naslung model's")
 
     def run(self, crops: np.ndarray) -> Outputs:
-        arrays = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: _check_crops(crops, self.metadata)})
+        arrays = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: model_input(crops, self.metadata)})
         return Outputs.from_named(dict(zip(OUTPUT_NAMES, arrays, strict=True)))
 
 

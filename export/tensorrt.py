@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from naslung.export.metadata import INPUT_NAME, OUTPUT_NAMES, ModelError, ModelMetadata, read_onnx_metadata
-from naslung.export.runners import Outputs, _check_crops
+from naslung.export.runners import Outputs, model_input
 from naslung.fileio import write_atomically, write_json
 
 SIDECAR_FORMAT = 1
@@ -251,7 +251,7 @@ class TensorRTRunner:
 
     def run(self, crops: np.ndarray) -> Outputs:
         """Outputs for float32 HU crops (N, crop, crop, crop), 1 <= N <= the engine's max batch."""
-        batch = _check_crops(crops, self.metadata)
+        batch = model_input(crops, self.metadata)
         if len(batch) > self.max_batch:
             raise ModelError(f"engine {self.engine_path} takes at most {self.max_batch} crops at a time (its "
                              f"optimisation profile), not {len(batch)}: pass fewer or rebuild it with a "
