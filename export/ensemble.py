@@ -21,6 +21,7 @@ chosen on validation folds only, like everything else here.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -127,7 +128,7 @@ class DeployedEnsemble(nn.Module):
         for member in self.members:
             member.model.to(dtypes[precision])
             member.direction = member.direction.to(dtypes[precision])
-        self.metadata = ModelMetadata(**{**self.metadata.__dict__, "precision": precision})
+        self.metadata = dataclasses.replace(self.metadata, precision=precision)
         return self
 
 

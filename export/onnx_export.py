@@ -13,6 +13,7 @@ written atomically.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import warnings
 from pathlib import Path
@@ -75,7 +76,9 @@ def export_onnx(ensemble: DeployedEnsemble, path: str | Path, opset: int = OPSET
     """Export, attach the metadata, check, and write ``path`` atomically."""
     model = trace_to_onnx(ensemble, opset)
     del model.metadata_props[:]
-    onnx.helper.set_model_props(model, {METADATA_KEY: ensemble.metadata.to_json()})
+    metadata = dataclasses.replace(ensemble.metadata, versions={
+        **ensemble.metadata.versions, "onnx": onnx.__version__, "opset": str(opset)})
+    onnx.helper.set_model_props(model, {METADATA_KEY: metadata.to_json()})
     model.producer_name, model.doc_string = "naslung", (
         f"NAS-Lung ensemble of {len(ensemble.members)}: {', '.join(ensemble.metadata.archs)}; "
         f"{INPUT_NAME} float32 (N, 1, {ensemble.metadata.crop}^3) HU -> {', '.join(OUTPUT_NAMES)}")
