@@ -211,8 +211,12 @@ def _input_pipeline(checkpoint_dir: Path, meta: dict[str, Any]) -> dict[str, Any
         raise ExportError(f"{checkpoint_dir}: its crop store is gone and its inputs are not the "
                           "default HU pipeline, so their units are unknown")
     grid = int((manifest.get("crop_shape") or [CROP_SIZE])[0])
-    rule = {k: manifest[k] for k in ("label_rule", "min_readers", "min_diameter_mm", "source")
-            if k in manifest}
+    parameters = {**manifest, **(manifest.get("parameters") or {})}
+    rule = {k: parameters[k] for k in ("source", "label_rule", "min_readers", "min_diameter_mm")
+            if k in parameters}
+    if "label_rule" in rule:
+        rule["text"] = (f"the readers' {rule['label_rule']} malignancy rating > 3 malignant, < 3 "
+                        "benign, = 3 left out")
     return {"crop": int(meta["crop"]), "grid": max(grid, int(meta["crop"])),
             "background_hu": background, "units": units, "reference_labels": rule}
 

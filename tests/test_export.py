@@ -141,6 +141,7 @@ def test_the_metadata_says_how_to_feed_the_model(exported, ensemble_dir):
     assert metadata.archs == ["4/4/4", "4/8/8"]
     assert (metadata.crop, metadata.grid, metadata.spacing_mm, metadata.units) == (32, 40, 1.0, "HU")
     assert metadata.label_rule["threshold"] == 0.5 and "half" in metadata.label_rule["vote"]
+    assert metadata.label_rule["reference_labels"]["source"] == "synthetic-spheres"
     assert {"naslung", "torch", "numpy", "onnx", "opset"} <= metadata.versions.keys()
     for member in metadata.members:
         member_run = Path(member.source).parent

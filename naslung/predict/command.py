@@ -34,8 +34,9 @@ def _triplet(text: str) -> tuple[float, float, float]:
 
 
 def add_predict_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True,
-                   help="model.onnx, an export directory, a TensorRT engine or a run/checkpoint directory")
+    p.add_argument("--model", type=Path,
+                   help="model.onnx, an export directory, a TensorRT engine or a run/checkpoint "
+                   "directory (default: the newest runs/*/export/model.onnx)")
     p.add_argument("--ct", type=Path, required=True, help="DICOM folder (one series), .mhd, .nii or .nii.gz")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--at", type=_triplet, action="append", metavar="X,Y,Z",
@@ -56,11 +57,12 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from naslung.cli import UsageError
+    from naslung.cli import UsageError, newest_run
     from naslung.predict.run import PredictError, run_predict
 
+    model = args.model or newest_run("*/export/model.onnx", "exported model")
     try:
-        prediction = run_predict(args.model, args.ct, at=args.at, voxel=args.voxel, lidc=args.lidc,
+        prediction = run_predict(model, args.ct, at=args.at, voxel=args.voxel, lidc=args.lidc,
                                  out=args.out, explain=args.explain, provider=args.provider)
     except PredictError as err:
         raise UsageError(str(err)) from err
