@@ -6,7 +6,11 @@
 #      readers (SimpleITK, pylidc, pydicom) or ray
 #   4. the GPU-marked tests (kernel parity, CUDA-graph steps): every tests/ file that uses the
 #      gpu marker, run with -m gpu, JUnit XML
-#   5. bench/test_bench_gpu.py with --benchmark-json, and its Markdown table (bench/report.py)
+#   5. the deployment latency suite's GPU cases (bench/test_bench_export.py -m gpu: eager CUDA,
+#      CUDA graph, Triton, ONNX Runtime CUDA and TensorRT where present) with its own JSON and
+#      Markdown table; its own time budget (NASLUNG_EXPORT_BENCH_LIMIT_S, default 100)
+#   6. bench/test_bench_gpu.py with --benchmark-json, and its Markdown table (bench/report.py),
+#      in whatever is left of the budget
 # Logs and results go to $OUT when it is set, else bench/results/. Every step has a timeout
 # (SIGINT first, so pytest still writes its JUnit XML and benchmark JSON); a failed or timed-out
 # step does not stop the later ones; the exit status is 1 if any step failed.
@@ -152,7 +156,26 @@ else
         --junitxml="$RESULTS/gpu_tests.xml" "${GPU_TESTS[@]}"
 fi
 
-# 5. Benchmarks and their table ------------------------------------------------------------
+# 5. Deployment latency and its table ------------------------------------------------------
+# A fixed share of the budget; the suite stops starting cases 30 s before the timeout, so that
+# the case in progress can finish and the JSON gets written.
+EXPORT_LIMIT="${NASLUNG_EXPORT_BENCH_LIMIT_S:-100}"
+rm -f "$RESULTS/bench_export.json"
+NASLUNG_BENCH_EXPORT_BUDGET_S=$((EXPORT_LIMIT - 30)) run_step bench-export "$EXPORT_LIMIT" \
+    "$PY" -m pytest bench/test_bench_export.py -m gpu -q -p no:cacheprovider \
+    --benchmark-json="$RESULTS/bench_export.json" --junitxml="$RESULTS/bench_export.xml"
+[ -s "$RESULTS/bench_export.json" ] || rm -f "$RESULTS/bench_export.json"
+if [ -s "$RESULTS/bench_export.json" ]; then
+    run_step report-export 30 "$PY" bench/report.py "$RESULTS/bench_export.json"
+    cp "$RESULTS/report-export.log" "$RESULTS/bench_export.md"
+elif [ "$HAS_CUDA" = 1 ]; then
+    note "== report-export: no deployment benchmark JSON although CUDA is available"
+    FAILED+=("report-export (no benchmark JSON)")
+else
+    skip_step report-export "no CUDA device: the deployment GPU benchmarks were skipped"
+fi
+
+# 6. Benchmarks and their table ------------------------------------------------------------
 # Whatever is left of the budget, less time for the report; the suite's own budget is 45 s
 # shorter than the timeout so it stops starting cases and writes its JSON before the timeout.
 BENCH_LIMIT=$(( $(left_s) - 15 ))
@@ -187,6 +210,10 @@ fi
     tail -n +2 "$STEPS" | while IFS=$'\t' read -r name rc secs log; do echo "| $name | $rc | $secs | $log |"; done
     echo
     if [ -s "$RESULTS/bench_gpu.md" ]; then cat "$RESULTS/bench_gpu.md"; else echo "No benchmark table."; fi
+    echo
+    echo "## Deployment latency (bench/test_bench_export.py)"
+    echo
+    if [ -s "$RESULTS/bench_export.md" ]; then cat "$RESULTS/bench_export.md"; else echo "No table."; fi
 } > "$RESULTS/summary.md"
 
 if [ "$HAS_CUDA" != 1 ]; then

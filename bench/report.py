@@ -2,9 +2,11 @@
 
 One row per benchmark: group, provider, median time and its ratio to the group's baseline:
 the provider whose ``extra_info`` says ``baseline: true``, else ``eager`` (below 1.00 is faster).
-A benchmark whose ``extra_info`` has a ``status`` other than ``ok`` (the GPU suite records
-providers that ran out of memory, failed or were not measured) shows that status and its
-reason in a note column instead of a time.
+A benchmark whose ``extra_info`` has a ``status`` other than ``ok`` (the GPU suites record
+providers that ran out of memory, failed, were unavailable or were not measured) shows that
+status and its reason in a note column instead of a time. Where benchmarks record
+``crops_per_s`` (the deployment suite) the table has a crops/s column, and each ``headline``
+in ``extra_info`` is printed under the table.
 
     python bench/report.py /tmp/bench_cpu.json
 """
@@ -15,8 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-PROVIDER_ORDER = ("eager", "channels_last_3d", "bf16", "bf16_channels_last_3d", "graphs", "compile",
-                  "triton", "triton_graphs")
+PROVIDER_ORDER = ("eager", "cuda_eager", "channels_last_3d", "bf16", "bf16_channels_last_3d", "graphs",
+                  "cuda_graph", "compile", "triton", "triton_graphs", "onnxruntime", "onnxruntime_cuda",
+                  "tensorrt_fp32", "tensorrt_fp16")
 
 
 def provider_of(bench: dict) -> str:
@@ -28,10 +31,13 @@ def table(benchmarks: list[dict]) -> str:
     groups: dict[str, dict[str, float]] = {}
     notes: dict[tuple[str, str], str] = {}
     baselines: dict[str, str] = {}
+    throughput: dict[tuple[str, str], float] = {}
     for bench in benchmarks:
         group = bench.get("group") or bench["name"]
         provider, extra = provider_of(bench), bench.get("extra_info", {})
         groups.setdefault(group, {})[provider] = bench["stats"]["median"] * 1e3
+        if "crops_per_s" in extra:
+            throughput[group, provider] = extra["crops_per_s"]
         status = extra.get("status", "ok")
         if status != "ok":
             notes[group, provider] = f"{status}: {extra.get('reason', '')}".rstrip(": ")
@@ -44,6 +50,8 @@ def table(benchmarks: list[dict]) -> str:
 
     header = "| group | provider | median ms | vs baseline |"
     rule = "|---|---|---:|---:|"
+    if throughput:
+        header, rule = header + " crops/s |", rule + "---:|"
     if notes:
         header, rule = header + " note |", rule + "---|"
     lines = [header, rule]
@@ -52,11 +60,14 @@ def table(benchmarks: list[dict]) -> str:
         base = None if (group, base_provider) in notes else medians.get(base_provider)
         for provider in sorted(medians, key=order):
             note = notes.get((group, provider))
+            rate = " - |" if throughput else ""
             if note is not None:
-                lines.append(f"| {group} | {provider} | - | - | {_cell(note)} |")
+                lines.append(f"| {group} | {provider} | - | - |{rate} {_cell(note)} |")
                 continue
             ratio = f"{medians[provider] / base:.2f}x" if base else "n/a"
-            row = f"| {group} | {provider} | {_ms(medians[provider])} | {ratio} |"
+            if throughput and (group, provider) in throughput:
+                rate = f" {throughput[group, provider]:,.1f} |"
+            row = f"| {group} | {provider} | {_ms(medians[provider])} | {ratio} |{rate}"
             lines.append(row + " |" if notes else row)
     return "\n".join(lines)
 
@@ -110,6 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         print(gpu)
     print()
     print(table(data["benchmarks"]))
+    headlines = [b["extra_info"]["headline"] for b in data["benchmarks"]
+                 if "headline" in b.get("extra_info", {})]
+    if headlines:
+        print()
+        print("\n".join(headlines))
 
 
 if __name__ == "__main__":
