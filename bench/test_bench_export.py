@@ -69,6 +69,7 @@ from naslung.export.onnx_export import export_onnx
 from naslung.export.runners import OnnxRunner, Outputs
 from naslung.models import ConvRes
 from naslung.search.latency import CpuWait
+from naslung.testing import randomise_batchnorm
 
 CROP = 32
 BATCHES = (1, 64)
@@ -145,19 +146,6 @@ to what gets saved)."""
 
 
 # --------------------------------------------------------------------------- the ensemble
-
-
-def randomise_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Running statistics and affine away from identity, as after training, so that folding
-    them into the convolutions is exercised and the members' outputs vary between crops."""
-    generator = torch.Generator().manual_seed(seed)
-    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)):
-        n = bn.num_features
-        bn.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-        bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-        bn.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-        bn.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
-    return model.eval()
 
 
 def make_ensemble() -> DeployedEnsemble:

@@ -27,23 +27,12 @@ from naslung.export.onnx_export import export_onnx
 from naslung.export.runners import OnnxRunner, TorchRunner, open_runner
 from naslung.models import ConvRes
 from naslung.models.fused import FUSED, fuse
+from naslung.testing import randomise_batchnorm
 from naslung.train.checkpoint import save_checkpoint
 from naslung.train.ensemble import run_ensemble
 from naslung.train.trainer import predict_proba
 
 FRONT = [{"arch": "4/4/4", "accuracy": 0.7, "cost": 100}, {"arch": "4/8/8", "accuracy": 0.7, "cost": 200}]
-
-
-def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial running statistics and affine, so that folding them is really tested."""
-    generator = torch.Generator().manual_seed(seed)
-    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)):
-        n = bn.num_features
-        bn.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-        bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-        bn.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-        bn.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

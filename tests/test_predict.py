@@ -25,6 +25,7 @@ from naslung.export.deploy import export_run
 from naslung.export.runners import OnnxRunner
 from naslung.models import ConvRes
 from naslung.predict.explain import upsample
+from naslung.testing import randomise_batchnorm
 from naslung.train.checkpoint import save_checkpoint
 
 ARCHS = ("4/8/8", "4/4/8")
@@ -36,14 +37,8 @@ def save_member(directory, arch: str, seed: int, crop: int = CROP):
     """A random-weight checkpoint with non-trivial BatchNorm statistics, so that its output
     depends on its input."""
     torch.manual_seed(seed)
-    model = ConvRes(arch)
-    generator = torch.Generator().manual_seed(seed)
-    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)):
-        n = bn.num_features
-        bn.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-        bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-        bn.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-    save_checkpoint(directory, model.eval(), {
+    model = randomise_batchnorm(ConvRes(arch), seed)
+    save_checkpoint(directory, model, {
         "crop": crop, "normalisation": {"hu_min": -1000.0, "hu_max": 400.0, "mean": -600.0, "std": 350.0},
         "fold": 0, "val_metrics": {"auc": 0.5}, "train_config": {"select": "auc"}})
     return directory

@@ -14,7 +14,6 @@ import types
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from naslung.data.augment import Normalisation
 from naslung.export.ensemble import DeployedEnsemble, DeployedMember
@@ -33,6 +32,7 @@ from naslung.export.tensorrt import (
     tensorrt_available,
 )
 from naslung.models import ConvRes
+from naslung.testing import randomise_batchnorm
 
 NOT_INSTALLED = ("TensorRT is not installed: pip install 'naslung[trt]' on a machine with an NVIDIA GPU "
                  "and driver")
@@ -196,14 +196,7 @@ def _ensemble() -> DeployedEnsemble:
     normalisation = Normalisation(-1200.0, 600.0, -700.0, 350.0)
     members, infos = [], []
     for arch in ("4/8/16", "4,8/8/16"):
-        model = ConvRes(arch)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.BatchNorm3d):
-                    module.running_mean.uniform_(-0.2, 0.2)
-                    module.running_var.uniform_(0.5, 1.5)
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.uniform_(-0.3, 0.3)
+        model = randomise_batchnorm(ConvRes(arch))
         members.append(DeployedMember(model, normalisation))
         infos.append(MemberInfo(arch=arch, cbam=model.cbam_variant, head=model.head_kind,
                                 normalisation=normalisation.to_dict(), source="test"))
