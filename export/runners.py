@@ -120,9 +120,12 @@ def open_runner(model: str | Path, provider: str = "cpu") -> TorchRunner | OnnxR
             return OnnxRunner(exported, provider)
         return TorchRunner(path, "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu")
     if path.suffix in ENGINE_SUFFIXES:
-        from naslung.export.tensorrt import TensorRTRunner
+        from naslung.export.tensorrt import TensorRTRunner, TensorRTUnavailable
 
-        return TensorRTRunner(path)
+        try:
+            return TensorRTRunner(path)
+        except TensorRTUnavailable as err:
+            raise ModelError(f"{path}: a TensorRT engine cannot run here: {err}") from err
     if not path.exists():
         raise ModelError(f"{path}: no such model file or directory")
     return OnnxRunner(path, provider)

@@ -263,6 +263,11 @@ def _foreign_onnx(tmp_path, models, series):
     return ["--model", tmp_path / "foreign.onnx", "--ct", series, "--lidc"], ["no naslung metadata"]
 
 
+def _foreign_engine(tmp_path, models, series):
+    (tmp_path / "model.engine").write_bytes(os.urandom(4096))
+    return ["--model", tmp_path / "model.engine", "--ct", series, "--lidc"], ["model.engine"]
+
+
 def _not_hu_model(tmp_path, models, series):
     store = tmp_path / "mnist-store"
     store.mkdir()
@@ -293,8 +298,8 @@ def _bad_position_text(tmp_path, models, series):
 
 
 BAD_INPUTS = [_outside, _outside_voxel, _small_ct, _oblique_ct, _unreadable_ct, _missing_ct, _corrupt_onnx,
-              _truncated_onnx, _foreign_onnx, _not_hu_model, _series_not_in_lidc, _lidc_without_series_uid,
-              _voxel_with_lidc, _bad_position_text]
+              _truncated_onnx, _foreign_onnx, _foreign_engine, _not_hu_model, _series_not_in_lidc,
+              _lidc_without_series_uid, _voxel_with_lidc, _bad_position_text]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[f.__name__.strip("_") for f in BAD_INPUTS])
