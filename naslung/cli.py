@@ -597,8 +597,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="naslung", description=(
-        "Search, train and evaluate small 3D CNNs (NAS-Lung's ConvRes) that classify lung "
-        "nodules in chest CT as malignant or benign."))
+        "Search, train, evaluate and deploy small 3D CNNs (NAS-Lung's ConvRes) that classify lung "
+        "nodules in chest CT as malignant or benign, and run them on a CT (naslung predict)."))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("arch", help="parameters, FLOPs and layer table of an architecture",
