@@ -1,4 +1,4 @@
-"""The `naslung` command line: inspect architectures, prepare data, train and evaluate.
+"""The `naslung` command line: inspect architectures, prepare data, train, evaluate, export, predict.
 
 Every user error (bad arch text, fold out of range, missing store, unknown device...) ends
 with one line on stderr and exit status 2; no traceback.
