@@ -10,7 +10,7 @@ Providers (each benchmark's group is ``deploy {cpu|cuda} b{batch}``; ratios are 
 
 - CPU: ``eager`` (the DeployedEnsemble in eval mode under torch.inference_mode, torch's default
   threads; the group's baseline) and ``onnxruntime`` (OnnxRunner, its default threads).
-  `test_onnxruntime_speedup_over_eager` then prints eager median / ONNX Runtime median per batch
+  `test_report_onnxruntime_speedup_over_eager` then prints eager median / ONNX Runtime median per batch
   and stores it with both entries (``eager_over_onnxruntime``). Reported, never asserted.
 - CUDA (``gpu`` marker; skipped without a GPU): ``cuda_eager`` (the group's baseline),
   ``cuda_graph`` (the same forward captured once per batch size as a CUDA graph on static
@@ -62,7 +62,7 @@ import torch
 
 from naslung.arch import Arch
 from naslung.data.augment import AIR_HU, Normalisation
-from naslung.export.deploy import check_crops
+from naslung.export.deploy import parity_crops
 from naslung.export.ensemble import DeployedEnsemble, DeployedMember
 from naslung.export.metadata import OUTPUT_NAMES, MemberInfo, ModelMetadata
 from naslung.export.onnx_export import export_onnx
@@ -157,7 +157,7 @@ def make_ensemble() -> DeployedEnsemble:
         members.append(DeployedMember(model, normalisation))
         infos.append(MemberInfo(arch=str(arch), cbam=model.cbam_variant, head=model.head_kind,
                                 normalisation=normalisation.to_dict(), source="bench (random weights)"))
-    metadata = ModelMetadata(crop=CROP, grid=CROP, spacing_mm=1.0, background_hu=AIR_HU, units="HU",
+    metadata = ModelMetadata(crop=CROP, grid=CROP, spacing_mm=1.0, outside_hu=AIR_HU, units="HU",
                              members=infos, label_rule={"threshold": 0.5})
     return DeployedEnsemble(members, metadata).eval()
 
@@ -169,10 +169,10 @@ def setup(tmp_path_factory) -> Setup:
     start = time.perf_counter()
     onnx32 = export_onnx(ensemble, out / "model.onnx")
     export_s = time.perf_counter() - start
-    check = check_crops(CROP, count=CHECK_CROPS, seed=0)
+    check = parity_crops(CROP, count=CHECK_CROPS, seed=0)
     with torch.inference_mode():
         reference = _host_outputs(ensemble(torch.from_numpy(check[:, None])))
-    return Setup(ensemble, out, onnx32, export_s, check_crops(CROP, count=max(BATCHES), seed=1), check,
+    return Setup(ensemble, out, onnx32, export_s, parity_crops(CROP, count=max(BATCHES), seed=1), check,
                  reference)
 
 
@@ -423,7 +423,7 @@ def test_deploy(benchmark, setup: Setup, provider: Provider, batch: int) -> None
     RESULTS[provider.name, batch] = {"median_s": median_s, "extra_info": benchmark.extra_info}
 
 
-def test_onnxruntime_speedup_over_eager(capsys) -> None:
+def test_report_onnxruntime_speedup_over_eager(capsys) -> None:
     """eager median / ONNX Runtime median on this CPU, per batch, from this run (reported only;
     the deployment target is at least 2x at batch 1)."""
     lines = []

@@ -14,7 +14,8 @@ tried, so a machine without TensorRT still gets the ONNX and a one-line reason.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,11 @@ import onnxruntime
 import torch
 
 from naslung.console import console
-from naslung.export.ensemble import DeployedEnsemble, load_ensemble
+from naslung.export.ensemble import DeployedEnsemble, ExportError, load_ensemble
 from naslung.export.metadata import OUTPUT_NAMES
 from naslung.export.onnx_export import OPSET, export_onnx
 from naslung.export.runners import OnnxRunner, Outputs
+from naslung.export.tensorrt import sidecar_path
 from naslung.fileio import write_json
 
 PARITY_TOLERANCE = 1e-5
@@ -46,10 +48,9 @@ class ExportReport:
     members: list[str]
     parity: dict[str, float]
     engine: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
-def check_crops(crop: int, count: int = 4, seed: int = 0) -> np.ndarray:
+def parity_crops(crop: int, count: int = 4, seed: int = 0) -> np.ndarray:
     """Nodule-like HU crops for the export-time parity check: a solid sphere of random size in
     noisy aerated lung, so that every member sees realistic, varied inputs."""
     rng = np.random.default_rng(seed)
@@ -75,17 +76,30 @@ def export_run(run: str | Path, out_dir: str | Path, *, opset: int = OPSET, trt:
                precision: str = "fp32", max_batch: int = 64) -> ExportReport:
     """Export the ensemble of ``run`` into ``out_dir``; TensorRT last, and only with ``trt``.
 
-    Raises `TensorRTSkipped` after the ONNX is written when TensorRT is wanted but unavailable.
+    The ONNX file replaces an earlier export only once ONNX Runtime has matched PyTorch on it;
+    the earlier export's engine and fp16 graph, which would no longer match, go with it. Raises
+    `TensorRTSkipped` after the ONNX is written when TensorRT is wanted but unavailable.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} is a file; give the export folder")
     ensemble = load_ensemble(run)
-    onnx_path = export_onnx(ensemble, out_dir / ONNX_FILE, opset)
-    runner = OnnxRunner(onnx_path)
-    differences = parity(ensemble, runner, check_crops(ensemble.metadata.crop))
-    if differences["probability"] > PARITY_TOLERANCE:
-        onnx_path.unlink()
-        raise RuntimeError(f"ONNX Runtime differs from PyTorch by {differences['probability']:.2e} "
-                           f"in probability (> {PARITY_TOLERANCE}); nothing exported")
+    created = not out_dir.exists()
+    candidate = out_dir / f".{ONNX_FILE}.candidate"
+    try:
+        export_onnx(ensemble, candidate, opset)
+        differences = parity(ensemble, OnnxRunner(candidate), parity_crops(ensemble.metadata.crop))
+        if differences["probability"] > PARITY_TOLERANCE:
+            raise ExportError(f"ONNX Runtime differs from PyTorch by {differences['probability']:.2e} in "
+                              f"probability (> {PARITY_TOLERANCE}); nothing exported")
+        for stale in (FP16_ONNX_FILE, ENGINE_FILE, sidecar_path(ENGINE_FILE).name):
+            (out_dir / stale).unlink(missing_ok=True)
+        onnx_path = candidate.replace(out_dir / ONNX_FILE)
+    except BaseException:
+        candidate.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     report = ExportReport(out_dir, onnx_path, ensemble.metadata.archs, differences)
     write_json(out_dir / REPORT_FILE, _report_json(report, run, ensemble, opset))
     if trt:

@@ -32,13 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from naslung.arch import Arch
+from naslung.data.augment import AIR_HU as AIR_PAD_HU
 from naslung.data.augment import Normalisation
 from naslung.data.crop import CROP_SIZE
+from naslung.data.ct import AIR_HU as OUTSIDE_HU
 from naslung.export.metadata import HU_UNITS, THRESHOLD, VOTE_RULE, MemberInfo, ModelMetadata
 from naslung.models import ConvRes
 from naslung.models.fused import FUSED
 from naslung.models.heads import AngleLinear
 from naslung.train.checkpoint import META_FILE, CheckpointError, checkpoint_normalisation, load_checkpoint
+from naslung.train.trainer import selection_score
 from naslung.versions import versions
 
 SPACING_MM = 1.0
@@ -141,16 +144,24 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ExportError(f"{path} is unreadable ({err})") from err
 
 
+def validation_score(meta: dict[str, Any]) -> float:
+    """How a fold's training scored the epoch it kept (`selection_score` of its validation
+    metrics); -inf when its checkpoint does not say."""
+    metric = (meta.get("train_config") or {}).get("select", "auc")
+    recorded = meta.get("val_metrics") or {}
+    metrics = {name: float("nan") if recorded.get(name) is None else float(recorded[name])
+               for name in ("accuracy", metric)}
+    score = selection_score(metrics, metric)
+    return -math.inf if math.isnan(score) else score
+
+
 def best_fold_checkpoint(run_dir: Path) -> Path:
-    """The fold checkpoint of a cross-validation run with the best validation score (by the
-    metric its training selected epochs with; the lower fold on ties)."""
+    """The fold checkpoint of a cross-validation run with the best `validation_score`; the
+    lower fold on ties."""
     candidates = []
     for meta_file in sorted(run_dir.glob(f"fold*/{META_FILE}")):
         meta = _read_json(meta_file)
-        metric = (meta.get("train_config") or {}).get("select", "auc")
-        score = (meta.get("val_metrics") or {}).get(metric, float("nan"))
-        score = -math.inf if score is None or math.isnan(score) else float(score)
-        candidates.append((-score, int(meta.get("fold", 0)), meta_file.parent))
+        candidates.append((-validation_score(meta), int(meta.get("fold", 0)), meta_file.parent))
     if not candidates:
         raise ExportError(f"{run_dir}: no finished fold checkpoint (fold*/{META_FILE})")
     return min(candidates)[2]
@@ -202,11 +213,11 @@ def _store_manifest(checkpoint_dir: Path) -> dict[str, Any]:
 
 
 def _input_pipeline(checkpoint_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """crop, grid, background and units of one member, from its checkpoint and its store."""
+    """crop, grid and units of one member, from its checkpoint and its store."""
     config = meta.get("train_config") or {}
     manifest = _store_manifest(checkpoint_dir)
-    background = float(config.get("background", -1000.0))
-    units = manifest.get("units", HU_UNITS if manifest or background == -1000.0 else None)
+    padded_with_air = float(config.get("background", AIR_PAD_HU)) == AIR_PAD_HU
+    units = manifest.get("units", HU_UNITS if manifest or padded_with_air else None)
     if units is None:
         raise ExportError(f"{checkpoint_dir}: its crop store is gone and its inputs are not the "
                           "default HU pipeline, so their units are unknown")
@@ -217,8 +228,8 @@ def _input_pipeline(checkpoint_dir: Path, meta: dict[str, Any]) -> dict[str, Any
     if "label_rule" in rule:
         rule["text"] = (f"the readers' {rule['label_rule']} malignancy rating > 3 malignant, < 3 "
                         "benign, = 3 left out")
-    return {"crop": int(meta["crop"]), "grid": max(grid, int(meta["crop"])),
-            "background_hu": background, "units": units, "reference_labels": rule}
+    return {"crop": int(meta["crop"]), "grid": max(grid, int(meta["crop"])), "units": units,
+            "reference_labels": rule}
 
 
 def load_ensemble(path: str | Path) -> DeployedEnsemble:
@@ -237,13 +248,13 @@ def load_ensemble(path: str | Path) -> DeployedEnsemble:
         pipelines.append(_input_pipeline(checkpoint_dir, meta))
     first = pipelines[0]
     for info, pipeline in zip(infos[1:], pipelines[1:], strict=True):
-        differs = [k for k in ("crop", "grid", "background_hu", "units") if pipeline[k] != first[k]]
+        differs = [k for k in ("crop", "grid", "units") if pipeline[k] != first[k]]
         if differs:
             raise ExportError(f"member {info.source} differs from {infos[0].source} in "
                               f"{', '.join(differs)}: members of one model must share the input")
     metadata = ModelMetadata(
         crop=first["crop"], grid=first["grid"], spacing_mm=SPACING_MM,
-        background_hu=first["background_hu"], units=first["units"], members=infos,
+        outside_hu=float(OUTSIDE_HU), units=first["units"], members=infos,
         label_rule={"threshold": THRESHOLD, "vote": VOTE_RULE,
                     "reference_labels": first["reference_labels"]},
         versions=versions())

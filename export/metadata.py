@@ -2,9 +2,8 @@
 
 The ONNX file carries this as JSON in its ``metadata_props`` (key `METADATA_KEY`) and a
 TensorRT engine in its sidecar JSON, so a runner needs no other file to turn a CT position
-into the model's input: sample a ``grid``^3 grid of ``spacing_mm`` voxels centred on the
-nodule (axes along world +z, +y, +x), take its centred ``crop``^3 cube, feed it in HU. The
-graph itself clips to each member's HU window and standardises with the member's statistics.
+into the model's input (`SAMPLING` says how, in words, inside the file too). The graph itself
+clips to each member's HU window and standardises with the member's statistics.
 """
 
 from __future__ import annotations
@@ -25,6 +24,12 @@ THRESHOLD = 0.5
 VOTE_RULE = ("a member votes malignant at probability >= 0.5; the ensemble's majority_vote is 1 "
              "when at least half of the members vote malignant (a tie counts as malignant)")
 HU_UNITS = "HU"
+SAMPLING = (
+    "world coordinates are DICOM LPS millimetres; the grid is grid^3 points spacing_mm apart, "
+    "centred on the nodule, its array axes (z, y, x) running along world +z, +y, +x; values are "
+    "the CT's trilinear interpolation at those points rounded to int16 HU, outside_hu beyond the "
+    "scan; the model input is the grid's cube [s:s+crop] on every axis, s = (grid - crop) // 2, "
+    "as float32 of shape (N, 1, crop, crop, crop)")
 
 
 class ModelError(ValueError):
@@ -55,26 +60,19 @@ class ModelMetadata:
     """Side of the 1 mm grid sampled around a nodule before its centred ``crop``^3 cube is taken
     (the crop store's side, so that inference sees exactly what evaluation saw)."""
     spacing_mm: float
-    background_hu: float
+    outside_hu: float
     """Value of grid points outside the scan."""
     units: str
     members: list[MemberInfo]
     label_rule: dict[str, Any]
     precision: str = "fp32"
     versions: dict[str, str] = field(default_factory=dict)
+    sampling: str = SAMPLING
     format: int = FORMAT
 
     @property
     def archs(self) -> list[str]:
         return [m.arch for m in self.members]
-
-    @property
-    def gradcam_side(self) -> int:
-        """Side of the Grad-CAM map: the last stage's resolution, three stride-2 convs down."""
-        side = self.crop
-        for _ in range(3):
-            side = -(-side // 2)  # a k3, stride-2, padding-1 conv gives ceil(side / 2)
-        return side
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -48,6 +48,18 @@ class Outputs:
         return cls(**out)
 
 
+def concatenate(parts: list[Outputs]) -> Outputs:
+    """The outputs of consecutive batches as those of one."""
+    return Outputs(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in OUTPUT_NAMES})
+
+
+def run_in_batches(runner: TorchRunner | OnnxRunner, crops: np.ndarray) -> Outputs:
+    """``runner.run`` on ``crops`` in batches no larger than the runner takes (a TensorRT
+    engine's profile ends at its ``max_batch``; the others take any batch)."""
+    size = getattr(runner, "max_batch", len(crops)) or 1
+    return concatenate([runner.run(crops[start:start + size]) for start in range(0, len(crops), size)])
+
+
 def model_input(crops: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
     """(N, crop, crop, crop) float32 HU -> the model input (N, 1, crop, crop, crop)."""
     crops = np.asarray(crops, dtype=np.float32)
@@ -60,6 +72,8 @@ def model_input(crops: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
 class TorchRunner:
     """The PyTorch reference: the members' checkpoints themselves, read from a run directory."""
 
+    kind = "pytorch"
+
     def __init__(self, run: str | Path, device: str | torch.device = "cpu") -> None:
         try:
             self.ensemble: DeployedEnsemble = load_ensemble(run).to(device)
@@ -67,6 +81,7 @@ class TorchRunner:
             raise ModelError(str(err)) from err
         self.metadata = self.ensemble.metadata
         self.device = torch.device(device)
+        self.backend = f"torch {torch.__version__} on {self.device}"
 
     def run(self, crops: np.ndarray) -> Outputs:
         x = torch.from_numpy(model_input(crops, self.metadata)).to(self.device)
@@ -78,6 +93,8 @@ class TorchRunner:
 
 class OnnxRunner:
     """ONNX Runtime on the exported graph; its metadata is read from the file itself."""
+
+    kind = "onnxruntime"
 
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -100,6 +117,7 @@ class OnnxRunner:
         except Exception as err:  # onnxruntime raises its own exception classes per failure
             raise ModelError(f"{self.path}: ONNX Runtime cannot load it "
                              f"({str(err).splitlines()[0][:200]})") from err
+        self.backend = f"onnxruntime {ort.__version__} {self.session.get_providers()[0]}"
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):

@@ -119,8 +119,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: i
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
-    side = (1, metadata.crop, metadata.crop, metadata.crop)
-    profile.set_shape(INPUT_NAME, (1, *side), (opt_batch, *side), (max_batch, *side))
+    crop_shape = (1, metadata.crop, metadata.crop, metadata.crop)
+    profile.set_shape(INPUT_NAME, (1, *crop_shape), (opt_batch, *crop_shape), (max_batch, *crop_shape))
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache or engine_path.with_name(engine_path.name + ".timing.cache"))
     _attach_timing_cache(config, cache_path)
@@ -208,10 +208,13 @@ def check_sidecar(sidecar: dict, engine_path: str | Path, *, tensorrt_version: s
 class TensorRTRunner:
     """Runs an engine built by `build_engine` on one GPU, with torch CUDA tensors as buffers."""
 
+    kind = "tensorrt"
+
     def __init__(self, engine_path: str | Path, device: int = 0) -> None:
         trt = _import_tensorrt()
         self.engine_path = Path(engine_path)
         self.device = torch.device("cuda", device)
+        self.backend = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(self.device)}"
         sidecar = read_sidecar(self.engine_path)
         check_sidecar(sidecar, self.engine_path, tensorrt_version=trt.__version__,
                       gpu_name=torch.cuda.get_device_name(self.device),

@@ -364,7 +364,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
     args.run = args.run or newest_run("*/ensemble/ensemble.csv", "ensemble").parent.parent
-    out = args.out or args.run / "export"
+    out = args.out or (args.run.parent if args.run.suffix == ".pt" else args.run) / "export"
     try:
         report = export_run(args.run, out, opset=args.opset, trt=args.trt, precision=args.precision,
                             max_batch=args.max_batch)
@@ -422,11 +422,12 @@ ENSEMBLE_PRESETS: dict[str, dict] = {
 }
 
 
-def newest_run(pattern: str, what: str) -> Path:
-    """The most recently modified ``runs/<pattern>`` (for commands run in sequence without --run)."""
+def newest_run(pattern: str, what: str, option: str = "--run") -> Path:
+    """The most recently modified ``runs/<pattern>`` (for commands run in sequence without
+    ``option``)."""
     runs = sorted(Path("runs").glob(pattern), key=lambda p: p.stat().st_mtime)
     if not runs:
-        raise UsageError(f"no {what} under ./runs: pass --run")
+        raise UsageError(f"no {what} under ./runs: pass {option}")
     console.print(f"using the newest {what}: {runs[-1]}")
     return runs[-1]
 

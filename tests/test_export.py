@@ -16,6 +16,7 @@ from naslung.cli import export_main
 from naslung.data.augment import Normalisation, centre_crop
 from naslung.export.deploy import ONNX_FILE, REPORT_FILE
 from naslung.export.ensemble import (
+    DeployedEnsemble,
     DeployedMember,
     best_fold_checkpoint,
     grad_cam,
@@ -29,7 +30,7 @@ from naslung.models import ConvRes
 from naslung.models.fused import FUSED, fuse
 from naslung.testing import randomise_batchnorm
 from naslung.train.checkpoint import save_checkpoint
-from naslung.train.ensemble import run_ensemble
+from naslung.train.ensemble import majority_vote, run_ensemble
 from naslung.train.trainer import predict_proba
 
 FRONT = [{"arch": "4/4/4", "accuracy": 0.7, "cost": 100}, {"arch": "4/8/8", "accuracy": 0.7, "cost": 200}]
@@ -94,6 +95,29 @@ def test_member_probability_is_what_evaluation_computed(store):
     assert cam.shape == (6, 1, 4, 4, 4) and torch.allclose(cam.amax(dim=(2, 3, 4)), torch.ones(6, 1))
 
 
+class FixedProbability(torch.nn.Module):
+    """A member that answers one probability for every crop, to pin down the vote rule."""
+
+    def __init__(self, probability: float) -> None:
+        super().__init__()
+        self.probability = probability
+
+    def forward(self, hu):
+        n = len(hu)
+        return (torch.full((n,), self.probability), torch.zeros(n, 1, 4, 4, 4), torch.zeros(n, 1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("probabilities, vote", [
+    ((0.6, 0.4), 1),  # a tie votes malignant, as the ensemble table counts it
+    ((0.4, 0.4, 0.6), 0), ((0.6, 0.6, 0.4), 1), ((0.5,), 1), ((0.49,), 0)])
+def test_the_majority_vote_rule(probabilities, vote):
+    ensemble = DeployedEnsemble([FixedProbability(p) for p in probabilities], metadata=None)
+    mean, members, majority, _, _ = ensemble(torch.zeros(3, 1, 4, 4, 4))
+    assert majority.tolist() == [vote] * 3 and majority.dtype == torch.int64
+    assert mean.tolist() == pytest.approx([np.mean(probabilities)] * 3)
+    assert vote == int(majority_vote(np.array(probabilities)[:, None])[0] >= 0.5)
+
+
 def test_a_fused_model_is_exported_through_the_reference_modules():
     member = DeployedMember(fuse(ConvRes("4/4/8")), Normalisation(-1000, 400, -600, 300))
     fused_classes = set(FUSED.values())
@@ -102,13 +126,18 @@ def test_a_fused_model_is_exported_through_the_reference_modules():
 
 def test_the_best_validation_fold_is_deployed(tmp_path):
     model = ConvRes("4/4/4")
-    scores = {0: 0.6, 1: 0.9, 2: float("nan"), 3: 0.9}
-    for fold, auc in scores.items():
+    # fold 2's validation fold had one class (AUC NaN): training scored it by accuracy, 0.95
+    scores = {0: (0.6, 0.7), 1: (0.9, 0.5), 2: (float("nan"), 0.95), 3: (0.9, 0.8), 4: (0.95, None)}
+    for fold, (auc, accuracy) in scores.items():
         save_checkpoint(tmp_path / f"fold{fold}", model, {
-            "fold": fold, "crop": 32, "val_metrics": {"auc": auc, "accuracy": 1 - auc},
+            "fold": fold, "crop": 32, "val_metrics": {"auc": auc, "accuracy": accuracy},
             "train_config": {"select": "auc"},
             "normalisation": {"hu_min": -1000, "hu_max": 400, "mean": -600, "std": 300}})
-    assert best_fold_checkpoint(tmp_path) == tmp_path / "fold1"  # best; ties to the lower fold
+    assert best_fold_checkpoint(tmp_path) == tmp_path / "fold2"
+    (tmp_path / "fold2" / "model.json").unlink()
+    assert best_fold_checkpoint(tmp_path) == tmp_path / "fold4"
+    (tmp_path / "fold4" / "model.json").unlink()
+    assert best_fold_checkpoint(tmp_path) == tmp_path / "fold1"  # ties go to the lower fold
 
 
 # --- the ONNX file ------------------------------------------------------------------------------
@@ -297,3 +326,34 @@ def test_trt_without_tensorrt_still_writes_the_onnx(ensemble_dir, tmp_path, caps
     assert "TensorRT" in one_line_error(capsys)
     assert read_onnx_metadata(out / ONNX_FILE).archs == ["4/4/4", "4/8/8"]
     assert not list(out.glob("*.engine*")) and not list(out.glob(".*tmp*"))
+
+
+def test_an_export_that_fails_its_parity_check_keeps_the_earlier_one(ensemble_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    from naslung.export import deploy
+
+    out = tmp_path / "out"
+    assert export_main(["--run", str(ensemble_dir), "--out", str(out)]) == 0
+    earlier = (out / ONNX_FILE).read_bytes()
+    (out / "model.engine").write_bytes(b"an engine of an earlier export")
+    monkeypatch.setattr(deploy, "PARITY_TOLERANCE", -1.0)  # every export now fails the check
+    assert export_main(["--run", str(ensemble_dir), "--out", str(out)]) == 2
+    assert "nothing exported" in one_line_error(capsys)
+    assert (out / ONNX_FILE).read_bytes() == earlier and (out / "model.engine").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.engine", ONNX_FILE]
+    assert export_main(["--run", str(ensemble_dir), "--out", str(tmp_path / "new")]) == 2
+    one_line_error(capsys)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    assert export_main(["--run", str(ensemble_dir), "--out", str(out)]) == 0
+    assert not (out / "model.engine").exists()  # it was built from the replaced graph
+
+
+def test_a_checkpoint_file_exports_beside_its_folder(tmp_path, capsys):
+    save_checkpoint(tmp_path / "ckpt", ConvRes("4/4/4"), {
+        "fold": 0, "crop": 32, "normalisation": {"hu_min": -1000, "hu_max": 400, "mean": -600, "std": 300}})
+    assert export_main(["--run", str(tmp_path / "ckpt" / "model.pt")]) == 0
+    assert read_onnx_metadata(tmp_path / "ckpt" / "export" / ONNX_FILE).archs == ["4/4/4"]
+    (tmp_path / "file").write_text("")
+    assert export_main(["--run", str(tmp_path / "ckpt"), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in one_line_error(capsys)

@@ -136,6 +136,27 @@ def test_explanation_files_lie_on_the_ct(lidc_run, models):
     assert matplotlib.image.imread(files["slices"]).shape[2] in (3, 4)
 
 
+@pytest.mark.parametrize("cell", [(0, 0, 0), (1, 2, 3), (3, 3, 3)])
+def test_gradcam_cells_land_on_the_voxels_they_summarise(cell):
+    """Three stride-2, padding-1 convolutions centre cell j of the map on crop voxel 8 j."""
+    cam = np.zeros((4, 4, 4), np.float32)
+    cam[cell] = 1.0
+    upsampled = upsample(cam, CROP)
+    assert np.unravel_index(upsampled.argmax(), upsampled.shape) == tuple(8 * j for j in cell)
+    torch.manual_seed(0)
+    downsampling = torch.nn.Sequential(*(torch.nn.Conv3d(1, 1, 3, stride=2, padding=1, bias=False)
+                                         for _ in range(3)))
+    for conv in downsampling:
+        torch.nn.init.ones_(conv.weight)
+    x = torch.zeros(1, 1, CROP, CROP, CROP, requires_grad=True)
+    downsampling(x)[(0, 0, *cell)].backward()
+    weights = x.grad[0, 0].numpy()
+    centre = [float((np.indices(weights.shape)[axis] * weights).sum() / weights.sum()) for axis in range(3)]
+    for axis, j in enumerate(cell):
+        if 0 < j < 3:  # an edge cell's receptive field is cut by the padding
+            assert centre[axis] == pytest.approx(8 * j)
+
+
 def test_crop_is_the_crop_stores_centre_crop(lidc_run, series_0001, tmp_path):
     """Bit for bit what `prepare lidc` stores for the nodule, centre-cropped as in training."""
     root = tmp_path / "root"
@@ -263,9 +284,15 @@ def _foreign_onnx(tmp_path, models, series):
     return ["--model", tmp_path / "foreign.onnx", "--ct", series, "--lidc"], ["no naslung metadata"]
 
 
-def _foreign_engine(tmp_path, models, series):
+def _unusable_engine(tmp_path, models, series):
     (tmp_path / "model.engine").write_bytes(os.urandom(4096))
     return ["--model", tmp_path / "model.engine", "--ct", series, "--lidc"], ["model.engine"]
+
+
+def _out_under_a_file(tmp_path, models, series):
+    (tmp_path / "afile").write_text("")
+    return (["--model", models["export"], "--ct", series, "--lidc", "--out", tmp_path / "afile" / "p.json"],
+            ["--out", "cannot be written", "not a folder"])
 
 
 def _not_hu_model(tmp_path, models, series):
@@ -298,7 +325,8 @@ def _bad_position_text(tmp_path, models, series):
 
 
 BAD_INPUTS = [_outside, _outside_voxel, _small_ct, _oblique_ct, _unreadable_ct, _missing_ct, _corrupt_onnx,
-              _truncated_onnx, _foreign_onnx, _foreign_engine, _not_hu_model, _series_not_in_lidc,
+              _truncated_onnx, _foreign_onnx, _unusable_engine, _out_under_a_file, _not_hu_model,
+              _series_not_in_lidc,
               _lidc_without_series_uid, _voxel_with_lidc, _bad_position_text]
 
 

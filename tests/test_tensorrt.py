@@ -200,7 +200,7 @@ def _ensemble() -> DeployedEnsemble:
         members.append(DeployedMember(model, normalisation))
         infos.append(MemberInfo(arch=arch, cbam=model.cbam_variant, head=model.head_kind,
                                 normalisation=normalisation.to_dict(), source="test"))
-    metadata = ModelMetadata(crop=CROP, grid=CROP, spacing_mm=1.0, background_hu=-1000.0, units="HU",
+    metadata = ModelMetadata(crop=CROP, grid=CROP, spacing_mm=1.0, outside_hu=-1000.0, units="HU",
                              members=infos, label_rule={"threshold": 0.5})
     return DeployedEnsemble(members, metadata).eval()
 

@@ -60,7 +60,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from naslung.cli import UsageError, newest_run
     from naslung.predict.run import PredictError, run_predict
 
-    model = args.model or newest_run("*/export/model.onnx", "exported model")
+    model = args.model or newest_run("*/export/model.onnx", "exported model", "--model")
     try:
         prediction = run_predict(model, args.ct, at=args.at, voxel=args.voxel, lidc=args.lidc,
                                  out=args.out, explain=args.explain, provider=args.provider)

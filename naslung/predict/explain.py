@@ -43,13 +43,16 @@ class Explanation:
 
 
 def upsample(cam: np.ndarray, side: int) -> np.ndarray:
-    """A (c, c, c) Grad-CAM map -> (side, side, side): linear, each of its cells covering
-    side / c crop voxels (grid mode), edges held."""
-    zoomed = ndimage.zoom(np.asarray(cam, dtype=np.float32), side / cam.shape[0], order=1,
-                          grid_mode=True, mode="nearest")
-    if zoomed.shape != (side,) * 3:
+    """A (c, c, c) Grad-CAM map -> (side, side, side), trilinear, edges held.
+
+    The map comes from three stride-2 convolutions with padding 1, so its cell j is centred on
+    crop voxel j * side / c (not on the middle of a side / c block, which would shift the
+    overlay by 3.5 voxels along every axis)."""
+    cam = np.asarray(cam, dtype=np.float32)
+    if side % cam.shape[0]:
         raise ValueError(f"Grad-CAM of shape {cam.shape} does not upsample to {side}^3")
-    return zoomed
+    coordinates = np.indices((side,) * 3, dtype=np.float32) / (side // cam.shape[0])
+    return ndimage.map_coordinates(cam, coordinates, order=1, mode="nearest")
 
 
 def write_explanation(folder: str | os.PathLike, explanation: Explanation) -> dict[str, Path]:

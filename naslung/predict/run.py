@@ -23,7 +23,7 @@ from naslung.console import console
 from naslung.data.crop import ObliqueCTError, hu_crop, volume_grid
 from naslung.data.ct import CTVolume, read_ct
 from naslung.export.metadata import HU_UNITS, THRESHOLD, ModelError, ModelMetadata
-from naslung.export.runners import Outputs, open_runner
+from naslung.export.runners import Outputs, open_runner, run_in_batches
 from naslung.fileio import write_json
 from naslung.predict.explain import Explanation, upsample, write_explanation
 from naslung.predict.positions import (
@@ -34,9 +34,6 @@ from naslung.predict.positions import (
     lidc_nodules,
 )
 from naslung.versions import versions
-
-DEFAULT_OUT = Path("predictions.json")
-RUNNER_KINDS = {"TorchRunner": "pytorch", "OnnxRunner": "onnxruntime", "TensorRTRunner": "tensorrt"}
 
 
 class PredictError(ValueError):
@@ -87,6 +84,15 @@ def open_model(model: str | os.PathLike, provider: str) -> Any:
     return runner
 
 
+def check_writable(path: Path, option: str) -> None:
+    """Refuse, before any work, an output location that cannot be written: its nearest existing
+    folder must be a writable folder."""
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "not a folder" if not existing.is_dir() else "not writable"
+        raise PredictError(f"{option} {path} cannot be written ({existing} is {problem})")
+
+
 def read_volume(ct: str | os.PathLike) -> CTVolume:
     started = time.perf_counter()
     with console.status(f"reading CT {ct}"):
@@ -121,7 +127,7 @@ def find_nodules(volume: CTVolume, metadata: ModelMetadata, at: list[tuple[float
 
 def run_predict(model: str | os.PathLike, ct: str | os.PathLike, *,
                 at: list[tuple[float, float, float]] | None = None, voxel: bool = False,
-                lidc: bool = False, out: str | os.PathLike = DEFAULT_OUT,
+                lidc: bool = False, out: str | os.PathLike = "predictions.json",
                 explain: str | os.PathLike | None = None, provider: str = "cpu") -> Prediction:
     """Classify the nodules of ``ct`` at ``at`` (world mm, or voxel x, y, z with ``voxel``) or,
     with ``lidc``, every nodule LIDC's readers outlined; write the JSON report to ``out`` and,
@@ -134,12 +140,14 @@ def run_predict(model: str | os.PathLike, ct: str | os.PathLike, *,
     explain = Path(explain) if explain is not None else None
     if out.is_dir():
         raise PredictError(f"--out {out} is a folder; give the JSON file to write")
-    if explain is not None and explain.exists() and not explain.is_dir():
-        raise PredictError(f"--explain {explain} is a file; give a folder")
+    check_writable(out.parent, "--out")
+    if explain is not None:
+        if explain.exists() and not explain.is_dir():
+            raise PredictError(f"--explain {explain} is a file; give a folder")
+        check_writable(explain, "--explain")
     runner = open_model(model, provider)
     metadata = runner.metadata
-    kind = RUNNER_KINDS.get(type(runner).__name__, type(runner).__name__)
-    console.print(f"model {model}: {kind}, {len(metadata.members)} member(s) "
+    console.print(f"model {model}: {runner.kind} ({runner.backend}), {len(metadata.members)} member(s) "
                   f"({', '.join(metadata.archs)}), {metadata.precision}, {metadata.crop}^3 crops "
                   f"of {metadata.spacing_mm:g} mm voxels")
     volume = read_volume(ct)
@@ -147,14 +155,15 @@ def run_predict(model: str | os.PathLike, ct: str | os.PathLike, *,
 
     started = time.perf_counter()
     with console.status(f"running the model on {len(nodules)} crop(s)"):
-        outputs = runner.run(crops.astype(np.float32))
+        outputs = run_in_batches(runner, crops.astype(np.float32))
     console.print(f"ran {len(nodules)} crop(s) in one batch [{time.perf_counter() - started:.2f} s]")
 
     records = [nodule_record(nodule, i, outputs, metadata) for i, nodule in enumerate(nodules)]
     if explain is not None:
         write_explanations(explain, nodules, records, crops, outputs, metadata)
     report = {
-        "model": {"path": str(model), "kind": kind, "provider": provider, "archs": metadata.archs,
+        "model": {"path": str(model), "kind": runner.kind, "backend": runner.backend,
+                  "archs": metadata.archs,
                   "precision": metadata.precision, "crop": metadata.crop, "grid": metadata.grid,
                   "spacing_mm": metadata.spacing_mm, "units": metadata.units,
                   "label_rule": metadata.label_rule},

@@ -161,7 +161,9 @@ def predict_proba(model: ConvRes, volumes: torch.Tensor, normalisation: Normalis
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def _selection_score(metrics: dict, select: str) -> float:
+def selection_score(metrics: dict, select: str) -> float:
+    """The validation score that picks an epoch: ``select``, or accuracy where it is NaN (an
+    AUC on a one-class validation fold)."""
     score = metrics[select]
     return metrics["accuracy"] if math.isnan(score) else score
 
@@ -219,7 +221,7 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
         val_metrics = binary_metrics(val_labels, val_prob)
         history.append({"epoch": epoch, "train_loss": train_loss,
                         **{f"val_{k}": v for k, v in val_metrics.items() if k != "confusion"}})
-        score = _selection_score(val_metrics, cfg.select)
+        score = selection_score(val_metrics, cfg.select)
         if progress:
             progress.console.print(f"  fold {split.test_fold} epoch {epoch + 1}/{cfg.epochs}: "
                                    f"train loss {train_loss:.4f}, val {cfg.select} {score:.3f}")
