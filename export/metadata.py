@@ -19,7 +19,8 @@ OUTPUT_NAMES = ("probability", "member_probabilities", "majority_vote", "attenti
 """probability (N,), member_probabilities (N, K), majority_vote (N,) int64, attention
 (N, 1, crop, crop, crop) the stem CBAM's spatial map, gradcam (N, 1, c, c, c) with c = crop / 8."""
 METADATA_KEY = "naslung"
-FORMAT = 1
+FORMAT = 2
+"""Version of the metadata layout; 2 added outside_hu and sampling (replacing background_hu)."""
 THRESHOLD = 0.5
 VOTE_RULE = ("a member votes malignant at probability >= 0.5; the ensemble's majority_vote is 1 "
              "when at least half of the members vote malignant (a tie counts as malignant)")

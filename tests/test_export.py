@@ -23,7 +23,14 @@ from naslung.export.ensemble import (
     load_ensemble,
     log_odds_direction,
 )
-from naslung.export.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, ModelError, read_onnx_metadata
+from naslung.export.metadata import (
+    FORMAT,
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    ModelError,
+    read_onnx_metadata,
+)
 from naslung.export.onnx_export import export_onnx
 from naslung.export.runners import OnnxRunner, TorchRunner, open_runner
 from naslung.models import ConvRes
@@ -279,7 +286,7 @@ def foreign_model(target, metadata: str | None = None):
     (lambda d, src: foreign_model(d / "foreign2.onnx", onnx.load(str(src)).metadata_props[0].value),
      "are not a naslung model's"),
     (lambda d, src: foreign_model(d / "old.onnx", json.dumps({"format": 0})), "metadata format"),
-    (lambda d, src: foreign_model(d / "broken.onnx", json.dumps({"format": 1, "members": []})),
+    (lambda d, src: foreign_model(d / "broken.onnx", json.dumps({"format": FORMAT, "members": []})),
      "incomplete or malformed"),
     (lambda d, src: d / "missing.onnx", "no such model file"),
 ])
