@@ -2,7 +2,7 @@
 # Everything a GPU machine should check, in one command that keeps to about six minutes:
 #   1. device, driver and versions (torch, triton, CUDA, cuDNN, Python), nvidia-smi
 #   2. pip install --no-deps --no-build-isolation -e .   (the GPU machine has no network)
-#   3. naslung.models, .train.trainer, .train.graphs and .kernels import without the data
+#   3. naslung.models, .train.trainer, .train.graphs, .kernels and .export import without the data
 #      readers (SimpleITK, pylidc, pydicom) or ray
 #   4. the GPU-marked tests (kernel parity, CUDA-graph steps): every tests/ file that uses the
 #      gpu marker, run with -m gpu, JUnit XML
@@ -133,7 +133,8 @@ import importlib, sys
 FORBIDDEN = ("SimpleITK", "pylidc", "pydicom", "ray")
 failed = []
 for module in ("naslung.models", "naslung.models.fused", "naslung.train.trainer", "naslung.train.graphs",
-               "naslung.kernels", "naslung.kernels.batchnorm", "naslung.kernels.cbam"):
+               "naslung.kernels", "naslung.kernels.batchnorm", "naslung.kernels.cbam",
+               "naslung.export.deploy", "naslung.export.tensorrt"):
     try:
         importlib.import_module(module)
         print(f"imported {module}")
