@@ -66,7 +66,7 @@ from naslung.export.deploy import parity_crops
 from naslung.export.ensemble import DeployedEnsemble, DeployedMember
 from naslung.export.metadata import OUTPUT_NAMES, MemberInfo, ModelMetadata
 from naslung.export.onnx_export import export_onnx
-from naslung.export.runners import OnnxRunner, Outputs
+from naslung.export.runners import OnnxRunner, Outputs, ensemble_outputs
 from naslung.models import ConvRes
 from naslung.search.latency import CpuWait
 from naslung.testing import randomise_batchnorm
@@ -170,8 +170,7 @@ def setup(tmp_path_factory) -> Setup:
     onnx32 = export_onnx(ensemble, out / "model.onnx")
     export_s = time.perf_counter() - start
     check = parity_crops(CROP, count=CHECK_CROPS, seed=0)
-    with torch.inference_mode():
-        reference = _host_outputs(ensemble(torch.from_numpy(check[:, None])))
+    reference = ensemble_outputs(ensemble, check)
     return Setup(ensemble, out, onnx32, export_s, parity_crops(CROP, count=max(BATCHES), seed=1), check,
                  reference)
 
@@ -192,16 +191,8 @@ class Unavailable(Exception):
     """A provider that cannot run on this machine; str(err) says why."""
 
 
-def _host_outputs(tensors: tuple[torch.Tensor, ...]) -> Outputs:
-    return Outputs.from_named({name: t.cpu().numpy() for name, t in zip(OUTPUT_NAMES, tensors, strict=True)})
-
-
 def _torch_run(model: DeployedEnsemble, device: str) -> Run:
-    def run(crops: np.ndarray) -> Outputs:
-        with torch.inference_mode():
-            return _host_outputs(model(torch.from_numpy(crops[:, None]).to(device)))
-
-    return run
+    return lambda crops: ensemble_outputs(model, crops, device)
 
 
 class GraphRun:
@@ -230,7 +221,7 @@ class GraphRun:
         graph, static_in, static_out = self.graphs[len(crops)]
         static_in.copy_(torch.from_numpy(crops[:, None]))
         graph.replay()
-        return _host_outputs(static_out)
+        return Outputs.from_tensors(static_out)
 
 
 def _fused(ensemble: DeployedEnsemble) -> DeployedEnsemble:

@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime
-import torch
 
 from naslung.console import console
 from naslung.export.ensemble import DeployedEnsemble, ExportError, load_ensemble
 from naslung.export.metadata import OUTPUT_NAMES
 from naslung.export.onnx_export import OPSET, export_onnx
-from naslung.export.runners import OnnxRunner, Outputs
+from naslung.export.runners import OnnxRunner, ensemble_outputs
 from naslung.export.tensorrt import sidecar_path
 from naslung.fileio import write_json
 
@@ -64,9 +63,7 @@ def parity_crops(crop: int, count: int = 4, seed: int = 0) -> np.ndarray:
 
 def parity(ensemble: DeployedEnsemble, runner: OnnxRunner, crops: np.ndarray) -> dict[str, float]:
     """Largest absolute difference per output between ONNX Runtime and the PyTorch reference."""
-    with torch.no_grad():
-        tensors = ensemble(torch.from_numpy(crops[:, None]))
-    reference = Outputs.from_named({n: t.numpy() for n, t in zip(OUTPUT_NAMES, tensors, strict=True)})
+    reference = ensemble_outputs(ensemble, crops)
     exported = runner.run(crops)
     return {name: float(np.abs(getattr(exported, name).astype(np.float64) - getattr(reference, name)).max())
             for name in OUTPUT_NAMES}

@@ -47,6 +47,11 @@ class Outputs:
         out["attention"], out["gradcam"] = out["attention"][:, 0], out["gradcam"][:, 0]
         return cls(**out)
 
+    @classmethod
+    def from_tensors(cls, tensors: tuple[torch.Tensor, ...]) -> Outputs:
+        """From a `DeployedEnsemble`'s output tensors (in `OUTPUT_NAMES` order), on any device."""
+        return cls.from_named({name: t.cpu().numpy() for name, t in zip(OUTPUT_NAMES, tensors, strict=True)})
+
 
 def concatenate(parts: list[Outputs]) -> Outputs:
     """The outputs of consecutive batches as those of one."""
@@ -69,6 +74,14 @@ def model_input(crops: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
     return np.ascontiguousarray(crops[:, None])
 
 
+def ensemble_outputs(ensemble: DeployedEnsemble, crops: np.ndarray,
+                     device: str | torch.device = "cpu") -> Outputs:
+    """The PyTorch reference's outputs for ``crops`` (N, crop, crop, crop) float32 HU."""
+    x = torch.from_numpy(model_input(crops, ensemble.metadata)).to(device)
+    with torch.inference_mode():
+        return Outputs.from_tensors(ensemble(x))
+
+
 class TorchRunner:
     """The PyTorch reference: the members' checkpoints themselves, read from a run directory."""
 
@@ -84,11 +97,7 @@ class TorchRunner:
         self.backend = f"torch {torch.__version__} on {self.device}"
 
     def run(self, crops: np.ndarray) -> Outputs:
-        x = torch.from_numpy(model_input(crops, self.metadata)).to(self.device)
-        with torch.no_grad():
-            tensors = self.ensemble(x)
-        return Outputs.from_named({name: t.cpu().numpy() for name, t in zip(OUTPUT_NAMES, tensors,
-                                                                             strict=True)})
+        return ensemble_outputs(self.ensemble, crops, self.device)
 
 
 class OnnxRunner:
@@ -132,10 +141,9 @@ def open_runner(model: str | Path, provider: str = "cpu") -> TorchRunner | OnnxR
     """A runner for ``model``: an .onnx file (ONNX Runtime with ``provider``), a TensorRT engine
     (.engine/.plan/.trt with its sidecar JSON), or a run/checkpoint directory (PyTorch)."""
     path = Path(model)
+    if path.is_dir() and (path / "model.onnx").is_file():  # an export directory
+        return OnnxRunner(path / "model.onnx", provider)
     if path.is_dir() or path.suffix == ".pt":
-        exported = path / "model.onnx"
-        if exported.is_file():  # an export directory
-            return OnnxRunner(exported, provider)
         return TorchRunner(path, "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu")
     if path.suffix in ENGINE_SUFFIXES:
         from naslung.export.tensorrt import TensorRTRunner, TensorRTUnavailable

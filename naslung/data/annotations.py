@@ -19,12 +19,13 @@ from naslung.data.labels import RATINGS, LabelRule, rating_columns
 
 @dataclass
 class AnnotatedNodule:
-    """One kept, labelled cluster of readers' annotations of a scan."""
+    """One cluster of readers' annotations of a scan, with its ratings and label."""
 
     number: int
     annotations: list
     diameter_mm: float
-    label: int
+    label: int | None
+    """`MALIGNANT` or `BENIGN`; None for indeterminate ratings (kept nodules always have one)."""
     readers: list[dict[str, int]]
 
     def row(self, nodule_id: str, scan: Any) -> dict[str, Any]:
@@ -37,6 +38,15 @@ class AnnotatedNodule:
         return float(np.mean([reader[name] for reader in self.readers]))
 
 
+def annotated_nodule(number: int, cluster: list, rule: LabelRule) -> AnnotatedNodule:
+    """One cluster of annotations with its readers' ratings, mean diameter and ``rule``'s label
+    (None where the ratings are indeterminate), whether or not the rule would include it."""
+    readers = [{name: int(getattr(a, name)) for name in RATINGS} for a in cluster]
+    diameter = float(np.mean([a.diameter for a in cluster]))
+    return AnnotatedNodule(number, cluster, diameter, rule.label([r["malignancy"] for r in readers]),
+                           readers)
+
+
 def annotated_nodules(scan: Any, rule: LabelRule, counts: Counter[str]) -> list[AnnotatedNodule]:
     """The scan's nodules that pass ``rule``, labelled; ``counts`` gets clusters, included
     and indeterminate (mean malignancy exactly 3) tallies."""
@@ -46,16 +56,14 @@ def annotated_nodules(scan: Any, rule: LabelRule, counts: Counter[str]) -> list[
     counts["clusters"] += len(clusters)
     nodules = []
     for number, cluster in enumerate(clusters, start=1):
-        diameter = float(np.mean([a.diameter for a in cluster]))
-        if not rule.includes(len(cluster), diameter):
+        nodule = annotated_nodule(number, cluster, rule)
+        if not rule.includes(len(cluster), nodule.diameter_mm):
             continue
         counts["included"] += 1
-        readers = [{name: getattr(a, name) for name in RATINGS} for a in cluster]
-        label = rule.label([r["malignancy"] for r in readers])
-        if label is None:
+        if nodule.label is None:
             counts["indeterminate"] += 1
             continue
-        nodules.append(AnnotatedNodule(number, cluster, diameter, label, readers))
+        nodules.append(nodule)
     return nodules
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from naslung.data.annotations import AnnotatedNodule, nodule_id
+from naslung.data.annotations import AnnotatedNodule, annotated_nodule, nodule_id
 from naslung.data.ct import CTVolume
 from naslung.data.labels import BENIGN, MALIGNANT, RATINGS, LabelRule
 
@@ -97,10 +97,7 @@ def lidc_nodules(volume: CTVolume) -> list[Nodule]:
                             "give positions with --at")
     nodules = []
     for number, readings in enumerate(clusters, start=1):
-        readers = [{name: int(getattr(a, name)) for name in RATINGS} for a in readings]
-        diameter = float(np.mean([a.diameter for a in readings]))
-        label = REFERENCE_RULE.label([r["malignancy"] for r in readers])  # None: indeterminate
-        cluster = AnnotatedNodule(number, readings, diameter, label, readers)
+        cluster = annotated_nodule(number, readings, REFERENCE_RULE)
         try:
             centre = cluster_consensus(volume, scan, readings).centre
         except ValueError as err:
@@ -117,7 +114,7 @@ def reference(cluster: AnnotatedNodule) -> dict[str, Any]:
     return {"cluster": cluster.number, "n_readers": len(cluster.readers), "malignancy": malignancy,
             "malignancy_mean": REFERENCE_RULE.score(malignancy),
             "diameter_mm": round(cluster.diameter_mm, 3),
-            "label": labels[REFERENCE_RULE.label(malignancy)],
+            "label": labels[cluster.label],
             "included": REFERENCE_RULE.includes(len(cluster.readers), cluster.diameter_mm),
             "rule": (f"mean malignancy > 3 malignant, < 3 benign, = 3 indeterminate; included in a "
                      f"crop store with >= {REFERENCE_RULE.min_readers} readers and >= "
