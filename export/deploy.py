@@ -22,13 +22,15 @@ import numpy as np
 import onnx
 import onnxruntime
 
+from naslung.argtypes import positive_int
 from naslung.console import console
 from naslung.export.ensemble import DeployedEnsemble, ExportError, load_ensemble
 from naslung.export.metadata import OUTPUT_NAMES
-from naslung.export.onnx_export import OPSET, export_onnx
+from naslung.export.onnx_export import MIN_OPSET, OPSET, export_onnx
 from naslung.export.runners import OnnxRunner, ensemble_outputs
 from naslung.export.tensorrt import sidecar_path
-from naslung.fileio import write_json
+from naslung.fileio import check_output_dir, refuse_non_regular, temp_path, write_json
+from naslung.locking import lock_run_dir
 
 PARITY_TOLERANCE = 1e-5
 """Largest |ONNX Runtime - PyTorch| accepted on the probabilities (fp32)."""
@@ -77,31 +79,32 @@ def export_run(run: str | Path, out_dir: str | Path, *, opset: int = OPSET, trt:
     the earlier export's engine and fp16 graph, which would no longer match, go with it. Raises
     `TensorRTSkipped` after the ONNX is written when TensorRT is wanted but unavailable.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"--out {out_dir} is a file; give the export folder")
+    out_dir = check_output_dir(out_dir, "--out")
+    for name in (ONNX_FILE, FP16_ONNX_FILE, ENGINE_FILE, REPORT_FILE):
+        refuse_non_regular(out_dir / name, "--out: ")
     ensemble = load_ensemble(run)
     created = not out_dir.exists()
-    candidate = out_dir / f".{ONNX_FILE}.candidate"
-    try:
-        export_onnx(ensemble, candidate, opset)
-        differences = parity(ensemble, OnnxRunner(candidate), parity_crops(ensemble.metadata.crop))
-        if differences["probability"] > PARITY_TOLERANCE:
-            raise ExportError(f"ONNX Runtime differs from PyTorch by {differences['probability']:.2e} in "
-                              f"probability (> {PARITY_TOLERANCE}); nothing exported")
-        for stale in (FP16_ONNX_FILE, ENGINE_FILE, sidecar_path(ENGINE_FILE).name):
-            (out_dir / stale).unlink(missing_ok=True)
-        onnx_path = candidate.replace(out_dir / ONNX_FILE)
-    except BaseException:
-        candidate.unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    report = ExportReport(out_dir, onnx_path, ensemble.metadata.archs, differences)
-    write_json(out_dir / REPORT_FILE, _report_json(report, run, ensemble, opset))
-    if trt:
-        _build_tensorrt(report, ensemble, precision, max_batch, opset)
+    with lock_run_dir(out_dir, "export folder"):
+        candidate = temp_path(out_dir / ONNX_FILE, "candidate")
+        try:
+            export_onnx(ensemble, candidate, opset)
+            differences = parity(ensemble, OnnxRunner(candidate), parity_crops(ensemble.metadata.crop))
+            if differences["probability"] > PARITY_TOLERANCE:
+                raise ExportError(f"ONNX Runtime differs from PyTorch by {differences['probability']:.2e} "
+                                  f"in probability (> {PARITY_TOLERANCE}); nothing exported")
+            for stale in (FP16_ONNX_FILE, ENGINE_FILE, sidecar_path(ENGINE_FILE).name):
+                (out_dir / stale).unlink(missing_ok=True)
+            onnx_path = candidate.replace(out_dir / ONNX_FILE)
+        except BaseException:
+            candidate.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        report = ExportReport(out_dir, onnx_path, ensemble.metadata.archs, differences)
         write_json(out_dir / REPORT_FILE, _report_json(report, run, ensemble, opset))
+        if trt:
+            _build_tensorrt(report, ensemble, precision, max_batch, opset)
+            write_json(out_dir / REPORT_FILE, _report_json(report, run, ensemble, opset))
     return report
 
 
@@ -148,11 +151,13 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
                    help="ensemble dir, search run with ensemble/, cross-validation run or checkpoint "
                    "(default: the newest runs/*/ with an ensemble/)")
     p.add_argument("--out", type=Path, help="export directory (default RUN/export)")
-    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, >= 17 (default {OPSET})")
+    p.add_argument("--opset", type=int, default=OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} up to what torch's exporter supports (default {OPSET})")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="TensorRT engine precision (fp16 builds from an fp16 ONNX)")
-    p.add_argument("--max-batch", type=int, default=64, help="largest batch of the engine (default 64)")
+    p.add_argument("--max-batch", type=positive_int, default=64,
+                   help="largest batch of the engine (default 64)")
 
 
 def print_report(report: ExportReport) -> None:

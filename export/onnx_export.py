@@ -30,6 +30,16 @@ from naslung.fileio import write_atomically
 from naslung.models.blocks import ConvBNReLU
 
 OPSET = 18
+MIN_OPSET = 17
+"""The oldest opset the export is tested with."""
+
+
+def max_opset() -> int:
+    """The newest opset both torch's TorchScript exporter and this onnx package support."""
+    from torch.onnx import _constants  # the exporter's limit has no public name
+
+    exporter = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", OPSET)
+    return min(int(exporter), onnx.defs.onnx_opset_version())
 
 
 def fold_batchnorm(ensemble: DeployedEnsemble) -> DeployedEnsemble:

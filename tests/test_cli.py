@@ -23,7 +23,7 @@ def test_arch_prints_params_flops_and_layers(capsys):
     (["train", "--arch", "4,x/8/8"], "'x'"),
     (["train", "--device", "tpu"], "unknown device"),
     (["train", "--preset", "huge"], "invalid choice"),
-    (["train", "--epochs", "many"], "invalid int value"),
+    (["train", "--epochs", "many"], "expected a whole number"),
     (["eval", "nowhere"], "needs --data-dir"),
     (["frobnicate"], "invalid choice"),
 ])

@@ -310,8 +310,9 @@ def test_export_refuses_runs_it_cannot_deploy(tmp_path, capsys):
     (tmp_path / "search" / "pareto.json").write_text("{}")
     assert export_main(["--run", str(tmp_path / "search")]) == 2
     assert "naslung ensemble" in one_line_error(capsys)
-    assert export_main(["--run", str(tmp_path / "search"), "--opset", "16"]) == 2
-    assert ">= 17" in one_line_error(capsys)
+    for opset in ("16", "999"):
+        assert export_main(["--run", str(tmp_path / "search"), "--opset", opset]) == 2
+        assert f"--opset {opset}: this torch and onnx export opsets 17.." in one_line_error(capsys)
 
 
 def test_a_broken_checkpoint_leaves_no_export(tmp_path, capsys):

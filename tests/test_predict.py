@@ -13,47 +13,26 @@ import onnx
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import random_ensemble, save_member
 from onnx import TensorProto, helper
 from scipy import ndimage
 
-from naslung.arch import Arch
 from naslung.cli import build_parser, main
 from naslung.data.augment import centre_crop
 from naslung.data.ct import read_ct
 from naslung.data.lidc import prepare_lidc
-from naslung.export.deploy import export_run
 from naslung.export.runners import OnnxRunner
-from naslung.models import ConvRes
 from naslung.predict.explain import upsample
-from naslung.testing import randomise_batchnorm
-from naslung.train.checkpoint import save_checkpoint
 
 ARCHS = ("4/8/8", "4/4/8")
 CROP = 32
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def save_member(directory, arch: str, seed: int, crop: int = CROP):
-    """A random-weight checkpoint with non-trivial BatchNorm statistics, so that its output
-    depends on its input."""
-    torch.manual_seed(seed)
-    model = randomise_batchnorm(ConvRes(arch), seed)
-    save_checkpoint(directory, model, {
-        "crop": crop, "normalisation": {"hu_min": -1000.0, "hu_max": 400.0, "mean": -600.0, "std": 350.0},
-        "fold": 0, "val_metrics": {"auc": 0.5}, "train_config": {"select": "auc"}})
-    return directory
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """An ensemble directory of two members (run in PyTorch) and its ONNX export."""
-    root = tmp_path_factory.mktemp("model")
-    ensemble = root / "ensemble"
-    for seed, arch in enumerate(ARCHS):
-        save_member(ensemble / "members" / Arch.parse(arch).dirname / "fold0", arch, seed)
-    (ensemble / "ensemble.csv").write_text("model,kind\n" + "".join(f"{a},member\n" for a in ARCHS))
-    export_run(ensemble, root / "export")
-    return {"run": ensemble, "export": root / "export", "onnx": root / "export" / "model.onnx"}
+    return random_ensemble(tmp_path_factory.mktemp("model"), ARCHS, CROP)
 
 
 @pytest.fixture(scope="module")

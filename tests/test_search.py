@@ -68,20 +68,22 @@ def test_a_killed_search_resumes_to_the_same_result(sphere_store, tmp_path):
 
 def test_torn_last_line_is_ignored(tmp_path):
     journal = Journal(tmp_path / "journal.jsonl")
-    journal.append({"type": "header"})
-    journal.append({"type": "candidate", "index": 1})
+    journal.append({"type": "header", "config": {}, "store_sha256": "", "store": ""})
+    candidate = {"type": "candidate", "arch": "4/4/4", "seed": 0, "params": 1, "flops": 1, "cost": 1.0,
+                 "status": "failed"}
+    journal.append({**candidate, "index": 1})
     with open(journal.path, "a") as f:
         f.write('{"type": "candidate", "ind')
     assert [r["type"] for r in journal.read()] == ["header", "candidate"]
     journal.drop_torn_tail()
-    journal.append({"type": "candidate", "index": 2})
+    journal.append({**candidate, "index": 2})
     assert [r.get("index") for r in journal.read()] == [None, 1, 2]
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--widths", "4,x"], "--widths"),
     (["--objective", "latency-ms"], "invalid choice"),
-    (["--max-candidates", "0"], "max_candidates"),
+    (["--max-candidates", "0"], "--max-candidates: must be at least 1"),
 ])
 def test_bad_search_arguments_exit_2(sphere_store, tmp_path, extra, message, capsys):
     assert search_main(["--data-dir", str(sphere_store.root), "--out", str(tmp_path / "r"), *extra]) == 2
@@ -147,7 +149,7 @@ def test_ray_local_runtime_runs_the_search(sphere_store, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--workers", "0"], "--workers must be >= 1"),
+    (["--workers", "0"], "--workers: must be at least 1"),
     (["--executor", "ray", "--workers", "2"], "does not apply to --executor ray"),
     (["--gpus-per-trial", "0.5"], "need --executor ray"),
     (["--executor", "ray", "--gpus-per-trial", "0.5"], "GPU(s)"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from naslung.data.ct import AIR_HU, CTVolume
+from naslung.data.ct import AIR_HU, CTVolume, orientation_name
 
 CROP_SIZE = 48
 CONSENSUS_LEVEL = 0.5
@@ -50,9 +50,17 @@ def axis_signs(volume: CTVolume) -> np.ndarray:
     axis. `ObliqueCTError` unless every index axis lies along its own world axis."""
     direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
     if not np.allclose(np.abs(direction), np.eye(3), atol=1e-3):
-        raise ObliqueCTError(f"{volume.source}: not an axial scan along the patient axes (oblique "
-                             f"direction cosines {', '.join(f'{v:.3g}' for v in direction.ravel())})")
+        raise ObliqueCTError(f"{volume.source}: {_describe(direction)}; naslung crops axial scans "
+                             "whose index axes run along the patient axes (direction cosines "
+                             f"{', '.join(f'{v:.3g}' for v in direction.ravel())}): resample it first")
     return np.sign(np.diag(direction))[::-1]
+
+
+def _describe(direction: np.ndarray) -> str:
+    kind = orientation_name(direction[:, 2])
+    if kind == "axial":
+        return "an axial scan with oblique rows and columns"
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} scan, not an axial one"
 
 
 def volume_grid(volume: CTVolume, centre: np.ndarray, size: int = CROP_SIZE,

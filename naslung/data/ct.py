@@ -5,6 +5,12 @@ series mixed in one folder silently shift every nodule coordinate. So every prob
 either handled and recorded in `CTVolume.warnings` or raised as a one-line `CTReadError`
 that names the file and what is wrong.
 
+A volume is only accepted as a regular grid: DICOM slices must lie along their normal (a
+tilted-gantry or sheared series, whose positions drift in-plane, is refused) and within half a
+slice of evenly spaced positions. NIfTI and MetaImage files carry no modality, so their values
+must look like CT in Hounsfield units (air at about -1000 HU) unless the caller vouches for them
+(``assume_hu``): an MR or PET volume, or a CT stored without its rescale to HU, is refused.
+
 DICOM is read in two passes: pydicom reads every header (to group, sort and check the slices
 before any pixel is touched), then the uncompressed pixel bytes of each slice go straight
 into the output volume in sorted order, faster than SimpleITK's series reader. Compressed
@@ -14,8 +20,10 @@ imported where used, so this module imports without them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +45,19 @@ UNEVEN_WARN = 0.01
 """Gaps closer than this to the median are rounding in the headers, not worth a warning."""
 SAME_POSITION_MM = 0.01
 GEOMETRY_TOLERANCE = 1e-4
+IN_PLANE_DRIFT = 0.25
+"""Slice positions may stray off the stack's normal by this fraction of a pixel (rounding in
+the headers); more is a tilted-gantry or sheared series, which no regular grid describes."""
+GRID_DRIFT = 0.5
+"""A slice may lie this fraction of the mean spacing off the even grid the volume assumes;
+further, and crops would be cut half a slice or more from where the nodule is."""
+AIR_PERCENTILE = 1.0
+AIR_HU_MAX = -700.0
+"""In a chest CT in HU the darkest `AIR_PERCENTILE` % of voxels is air or lung (about -1000 to
+-800 HU). An MR or PET volume, or CT without its rescale to HU, has nothing that dark."""
+_MHD_ELEMENT_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                      "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_FLOAT": 4,
+                      "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_DOUBLE": 8}
 
 _IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
 _LONG_LENGTH_VRS = (b"OB", b"OW", b"UN")
@@ -132,10 +153,11 @@ def read_dicom_series(series: DicomSeries) -> CTVolume:
     return _assemble(headers, series.folder)
 
 
-def read_ct(path: str | os.PathLike) -> CTVolume:
+def read_ct(path: str | os.PathLike, assume_hu: bool = False) -> CTVolume:
     """A folder holding exactly one DICOM series, a MetaImage (.mhd + data file) or a NIfTI (.nii, .nii.gz).
 
     For .mhd the series UID is the file stem, as LUNA16 names its files ``<seriesuid>.mhd``.
+    A .mhd or NIfTI must hold values that look like CT in HU unless ``assume_hu``.
     """
     path = Path(path)
     if path.is_dir():
@@ -144,9 +166,9 @@ def read_ct(path: str | os.PathLike) -> CTVolume:
         raise CTReadError(f"{path}: no such file or folder")
     name = path.name.lower()
     if name.endswith(".mhd"):
-        return _read_image_file(path, series_uid=path.stem)
+        return _read_image_file(path, series_uid=path.stem, assume_hu=assume_hu)
     if name.endswith((".nii", ".nii.gz")):
-        return _read_image_file(path, series_uid=None)
+        return _read_image_file(path, series_uid=None, assume_hu=assume_hu)
     if name.endswith(".dcm"):
         raise CTReadError(f"{path}: one DICOM slice; pass the folder that holds the whole series")
     raise CTReadError(f"{path}: unsupported file type; expected a DICOM folder, .mhd, .nii or .nii.gz")
@@ -218,7 +240,16 @@ def _read_slice(path: Path, required: bool) -> _Slice | None:
 
     claimed = required or path.suffix.lower() == ".dcm"
     try:
-        with open(path, "rb") as fp:
+        mode = os.stat(path).st_mode
+        fp = open(path, "rb") if stat.S_ISREG(mode) else None
+    except OSError as err:  # permission denied, a dangling link...: never skipped silently
+        raise CTReadError(f"{path}: cannot be read ({err.strerror or _one_line(err)})") from None
+    if fp is None:  # a FIFO or device would block or stream forever
+        if not claimed:
+            return None
+        raise CTReadError(f"{path}: not a regular file")
+    try:
+        with fp:
             size = os.fstat(fp.fileno()).st_size
             if size == 0:
                 raise _Problem("empty file (0 bytes)")
@@ -293,6 +324,7 @@ def _assemble(slices: list[_Slice], source: Path) -> CTVolume:
     if abs(np.linalg.norm(normal) - 1) > 1e-3 or abs(row @ col) > 1e-3:
         raise CTReadError(f"{first.path}: ImageOrientationPatient {first.orientation} is not two "
                           "orthogonal unit vectors")
+    _check_stacked_along_normal(slices, normal, source)
     along = np.array([s.position for s in slices]) @ normal
     order = np.argsort(along, kind="stable")
     slices, along = [slices[i] for i in order], along[order]
@@ -309,6 +341,31 @@ def _assemble(slices: list[_Slice], source: Path) -> CTVolume:
         direction=tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()),
         slice_z=slice_z, series_uid=first.series_uid, patient_id=first.patient_id, modality=first.modality,
         source=source, warnings=warnings + pixel_warnings)
+
+
+def orientation_name(normal: np.ndarray) -> str:
+    """axial, coronal or sagittal: the patient axis a slice normal runs along; else oblique."""
+    normal = np.abs(np.asarray(normal, dtype=float))
+    axis = int(np.argmax(normal))
+    if abs(normal[axis] - 1) > 1e-3:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _check_stacked_along_normal(slices: list[_Slice], normal: np.ndarray, source: Path) -> None:
+    """Refuse a series whose slice positions do not follow its slice normal (a tilted gantry, a
+    sheared or edited series): read as a regular volume, its crops would land far away."""
+    positions = np.array([s.position for s in slices])
+    offsets = positions - positions[0]
+    in_plane = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    limit = IN_PLANE_DRIFT * min(slices[0].pixel_spacing)
+    if in_plane.max() > limit:
+        worst = slices[int(in_plane.argmax())]
+        raise CTReadError(f"{source}: an {orientation_name(normal)} series whose slices drift "
+                          f"{in_plane.max():.2f} mm sideways along the stack ({worst.path.name} against "
+                          f"{slices[0].path.name}): ImagePositionPatient does not follow the slice normal "
+                          "(gantry tilt or a sheared series), so no regular volume describes it; "
+                          "resample it to a regular grid first")
 
 
 def _check_series(slices: list[_Slice], source: Path) -> None:
@@ -365,6 +422,13 @@ def _check_spacing(along: np.ndarray, slice_z: np.ndarray, source: Path) -> list
         more = f" and {missing.size - 3} more" if missing.size > 3 else ""
         raise CTReadError(f"{source}: missing slices: gap(s) over {MISSING_GAP}x the median spacing "
                           f"{median:.3g} mm between {where}{more}")
+    mean = (along[-1] - along[0]) / (len(along) - 1)
+    off_grid = np.abs(along - (along[0] + mean * np.arange(len(along))))
+    if off_grid.max() > GRID_DRIFT * mean:
+        worst = int(off_grid.argmax())
+        raise CTReadError(f"{source}: slice positions drift up to {off_grid.max():.2f} mm (at "
+                          f"z={slice_z[worst]:.2f} mm) from an even spacing of {mean:.4g} mm; more than "
+                          f"{GRID_DRIFT:g} of a slice cannot be corrected")
     worst = int(np.argmax(np.abs(gaps - median)))
     deviation = abs(gaps[worst] - median) / median
     spread = (f"slice gaps {gaps.min():.3g}-{gaps.max():.3g} mm, up to {deviation:.1%} off the median "
@@ -373,7 +437,6 @@ def _check_spacing(along: np.ndarray, slice_z: np.ndarray, source: Path) -> list
         raise CTReadError(f"{source}: uneven slice spacing: {spread} (more than {UNEVEN_LIMIT:.0%} cannot be "
                           "corrected)")
     if deviation > UNEVEN_WARN:
-        mean = (along[-1] - along[0]) / (len(along) - 1)
         return [f"uneven slice spacing: {spread}; z spacing set to the mean {mean:.4g} mm, true slice "
                 "positions in slice_z"]
     return []
@@ -445,7 +508,7 @@ def _clipping_warnings(clipped: int) -> list[str]:
     return [f"{clipped} voxel(s) outside the int16 range clipped to -32768..32767"] if clipped else []
 
 
-def _read_image_file(path: Path, series_uid: str | None) -> CTVolume:
+def _read_image_file(path: Path, series_uid: str | None, assume_hu: bool) -> CTVolume:
     import SimpleITK as sitk
 
     if path.name.lower().endswith(".mhd"):
@@ -461,6 +524,8 @@ def _read_image_file(path: Path, series_uid: str | None) -> CTVolume:
     values = sitk.GetArrayViewFromImage(image)
     hu = np.empty(values.shape, dtype=np.int16)
     clipped = sum(_plane_to_hu(plane, 1.0, 0.0, out) for plane, out in zip(values, hu, strict=True))
+    if not assume_hu:
+        _check_looks_like_hu(path, hu)
     volume = CTVolume(hu=hu, spacing=image.GetSpacing(), origin=image.GetOrigin(),
                       direction=image.GetDirection(), slice_z=np.empty(0), series_uid=series_uid,
                       patient_id=None, modality=None, source=path, warnings=_clipping_warnings(clipped))
@@ -470,18 +535,54 @@ def _read_image_file(path: Path, series_uid: str | None) -> CTVolume:
     return volume
 
 
+def _check_looks_like_hu(path: Path, hu: np.ndarray) -> None:
+    """Refuse values that are not CT in HU: no air where a chest CT always has some."""
+    darkest = float(np.percentile(hu[::2, ::4, ::4], AIR_PERCENTILE))
+    if darkest > AIR_HU_MAX:
+        raise CTReadError(f"{path}: does not look like CT in Hounsfield units: its darkest "
+                          f"{AIR_PERCENTILE:g} % of voxels is at {darkest:.0f} or above, where a chest CT "
+                          "has air and lung at about -1000 to -800 HU (an MR or PET image, or CT "
+                          "without its rescale to HU?); pass --assume-hu if it is CT in HU")
+
+
 def _check_mhd_data_file(path: Path) -> None:
-    """SimpleITK blames the .mhd itself when its data file is missing; name the data file instead."""
+    """SimpleITK blames the .mhd itself when its data file is missing or short; name the data
+    file and say what is wrong with it instead."""
     try:
         header = path.read_text(errors="replace")
     except OSError as err:
         raise CTReadError(f"{path}: unreadable ({_one_line(err)})") from None
-    match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", header, re.MULTILINE)
-    if match is None:
+    fields = dict(re.findall(r"^\s*(\w+)\s*=\s*(.*?)\s*$", header, re.MULTILINE))
+    name = fields.get("ElementDataFile")
+    if not name:
         raise CTReadError(f"{path}: not a MetaImage header (no ElementDataFile line)")
-    name = match.group(1)
-    if name != "LOCAL" and " " not in name and not (path.parent / name).is_file():
+    if name == "LOCAL" or " " in name or name.upper() == "LIST":
+        return
+    data = path.parent / name
+    if not data.is_file():
         raise CTReadError(f"{path}: its data file {name} is missing (expected next to it)")
+    needed = _mhd_data_bytes(fields)
+    size = data.stat().st_size
+    if needed is not None and size < needed:
+        raise CTReadError(f"{path}: its data file {name} holds {size:,} bytes, but DimSize "
+                          f"{fields['DimSize']} of {fields['ElementType']} needs {needed:,}: cut short")
+
+
+def _mhd_data_bytes(fields: dict[str, str]) -> int | None:
+    """Bytes an uncompressed MetaImage data file needs (header bytes included); None when the
+    header does not say plainly (compressed data, an unknown element type, HeaderSize -1)."""
+    if fields.get("CompressedData", "False").lower() == "true":
+        return None
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+        element = _MHD_ELEMENT_BYTES[fields["ElementType"]]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        header_size = int(fields.get("HeaderSize", "0"))
+    except (KeyError, ValueError):
+        return None
+    if header_size < 0 or any(d < 0 for d in dims):
+        return None
+    return header_size + math.prod(dims) * element * channels
 
 
 def _group_by_series(slices: list[_Slice]) -> dict[str, list[_Slice]]:

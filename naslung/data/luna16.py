@@ -38,7 +38,8 @@ from naslung.data.lidc import (
     save_part,
     write_store,
 )
-from naslung.data.store import StoreError
+from naslung.data.store import StoreError, existing_store_at, resolve_store_dir
+from naslung.locking import lock_store
 from naslung.paths import cache_root
 
 SOURCE = "luna16"
@@ -135,8 +136,10 @@ def _prepare_scan(task: _ScanTask) -> dict[str, Any]:
 def prepare_luna16(root: str | os.PathLike, annotations: str | os.PathLike,
                    data_dir: str | os.PathLike | None = None, *, workers: int | None = None,
                    label_rule: str = "mean", min_readers: int = 3, min_diameter_mm: float = 3.0,
-                   progress: bool = True) -> PreparedStore:
-    """Build a crop store from LUNA16's subsets and annotations.csv; folds = subsets; resumable."""
+                   force: bool = False, progress: bool = True) -> PreparedStore:
+    """Build a crop store from LUNA16's subsets and annotations.csv; folds = subsets; resumable.
+    A store at ``data_dir`` from other scans, annotations or parameters is replaced only with
+    ``force``."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise StoreError(f"--root {root} is not a folder")
@@ -145,23 +148,26 @@ def prepare_luna16(root: str | os.PathLike, annotations: str | os.PathLike,
     if not scans:
         raise StoreError(f"no subset<k>/<seriesuid>.mhd under {root}")
     rule = LabelRule(label_rule, min_readers, min_diameter_mm)
-    data_dir = Path(data_dir).expanduser() if data_dir is not None else default_luna16_dir()
+    data_dir = resolve_store_dir(data_dir if data_dir is not None else default_luna16_dir())
     parameters = {"label_rule": rule.rule, "min_readers": rule.min_readers,
                   "min_diameter_mm": rule.min_diameter_mm, "crop_size": CROP_SIZE,
                   "consensus_level": CONSENSUS_LEVEL, "crop_version": CROP_VERSION,
                   "match_min_mm": MATCH_MIN_MM}
-    work = parts_dir(data_dir, parameters)
-    tasks = [_ScanTask(mhd, subset, tuple((a["coordX"], a["coordY"], a["coordZ"], a["diameter_mm"])
-                                          for a in by_series[mhd.stem]), rule,
-                       work / f"{mhd.stem}.npz")
-             for subset, mhd in scans if mhd.stem in by_series]
-    if not tasks:
-        raise StoreError(f"none of the {len(scans)} scans under {root} has a row in {annotations}")
-    run = run_scans(_prepare_scan, tasks, workers=workers, progress=progress,
-                    description="luna16: scans")
-    n_folds = max(N_SUBSETS, max(t.subset for t in tasks) + 1)
-    store = write_store(data_dir, run.parts, parameters, 0, n_folds, {
-        "source": SOURCE, "root": str(root.resolve()), "annotations": str(Path(annotations).resolve()),
-        "n_scans": len(run.parts), "failed": run.failed, "warnings": run.warnings,
-        "versions": reader_versions()}, folds_given=True)
-    return PreparedStore(store, run.failed, run.reused)
+    identity = {"source": SOURCE, "root": str(root.resolve()),
+                "annotations": str(Path(annotations).resolve()), "parameters": parameters}
+    with lock_store(data_dir):
+        existing_store_at(data_dir, identity, force)
+        work = parts_dir(data_dir, parameters)
+        tasks = [_ScanTask(mhd, subset, tuple((a["coordX"], a["coordY"], a["coordZ"], a["diameter_mm"])
+                                              for a in by_series[mhd.stem]), rule,
+                           work / f"{mhd.stem}.npz")
+                 for subset, mhd in scans if mhd.stem in by_series]
+        if not tasks:
+            raise StoreError(f"none of the {len(scans)} scans under {root} has a row in {annotations}")
+        run = run_scans(_prepare_scan, tasks, workers=workers, progress=progress,
+                        description="luna16: scans")
+        n_folds = max(N_SUBSETS, max(t.subset for t in tasks) + 1)
+        store = write_store(data_dir, run, parameters, 0, n_folds, {
+            **identity, "n_scans": len(run.parts), "failed": run.failed, "warnings": run.warnings,
+            "versions": reader_versions()}, folds_given=True)
+    return PreparedStore(store, run.failed, run.reused, run.redone)

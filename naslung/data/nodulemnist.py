@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from naslung import __version__
-from naslung.data.store import CropStore
+from naslung.data.store import CropStore, existing_store_at, resolve_store_dir
+from naslung.locking import lock_store
 
 SOURCE = "nodulemnist3d"
 SPLIT_FOLDS = {"train": 0, "test": 1, "val": 2}
@@ -42,10 +43,21 @@ class NoduleMNISTError(RuntimeError):
     """A NoduleMNIST3D file that is missing or not in MedMNIST's layout."""
 
 
-def prepare_nodulemnist3d(npz: Path, out: Path) -> CropStore:
-    """Write the crop store of MedMNIST file ``npz`` to ``out`` (replacing any store there)."""
+def prepare_nodulemnist3d(npz: Path, out: Path, force: bool = False) -> CropStore:
+    """Write the crop store of MedMNIST file ``npz`` to ``out``; a store there made from another
+    file is replaced only with ``force``."""
     npz = Path(npz)
     splits = _read(npz)
+    out = resolve_store_dir(out)
+    identity = {"source": SOURCE, "npz_sha256": _sha256(npz)}
+    with lock_store(out):
+        existing_store_at(out, identity, force)
+        return _write_store(npz, splits, out, identity)
+
+
+def _write_store(npz: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], out: Path,
+                 identity: dict[str, str]) -> CropStore:
+    """The store of the three splits (folds 0, 1, 2), its table and manifest."""
     size = next(iter(splits.values()))[0].shape[1]
     crops, labels, rows = [], [], []
     for split in ("train", "val", "test"):
@@ -57,9 +69,8 @@ def prepare_nodulemnist3d(npz: Path, out: Path) -> CropStore:
                  for i, label in enumerate(split_labels)]
     all_labels = np.concatenate(labels)
     manifest = {
-        "source": SOURCE,
+        **identity,
         "npz": npz.name,
-        "npz_sha256": _sha256(npz),
         "n_folds": len(SPLIT_FOLDS),
         "test_folds": [TEST_FOLD],
         "split_folds": SPLIT_FOLDS,

@@ -57,7 +57,6 @@ malignant, benign), ``n_scans``, ``n_patients``, ``n_folds`` and the scans that 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -73,7 +72,8 @@ from naslung.data.crop import CONSENSUS_LEVEL, CROP_SIZE, centred_grid, consensu
 from naslung.data.folds import assign_folds
 from naslung.data.labels import MALIGNANT, LabelRule
 from naslung.data.parallel import run_tasks
-from naslung.data.store import MANIFEST_FILE, CropStore, StoreError
+from naslung.data.store import CropStore, StoreError, existing_store_at, resolve_store_dir
+from naslung.locking import lock_store
 from naslung.paths import default_phantom_dir
 
 SOURCE = "lidc-phantom"
@@ -119,16 +119,17 @@ def prepare_phantom(data_dir: Path | None = None, *, limit: int | None = None,
         raise ValueError(f"limit must be a positive number of scans, got {limit}")
     if seed < 0:
         raise ValueError(f"seed must not be negative, got {seed}")
-    root = Path(data_dir).expanduser() if data_dir is not None else default_phantom_dir(limit)
+    root = resolve_store_dir(data_dir if data_dir is not None else default_phantom_dir(limit))
     parameters = {"seed": seed, "limit": limit, "n_folds": n_folds, "label_rule": rule.rule,
                   "min_readers": rule.min_readers, "min_diameter_mm": rule.min_diameter_mm,
                   "crop_size": CROP_SIZE, "consensus_level": CONSENSUS_LEVEL,
                   "renderer_version": RENDERER_VERSION}
-    existing = _existing_store(root, parameters, force)
-    if existing is not None:
-        return existing
-    tasks = [_ScanTask(scan_id, name, seed, rule) for scan_id, name in lidc_scan_names()[:limit]]
-    return _build_store(root, tasks, parameters, workers=workers, progress=progress)
+    with lock_store(root):
+        existing = existing_store_at(root, {"source": SOURCE, "parameters": parameters}, force)
+        if existing is not None:
+            return existing
+        tasks = [_ScanTask(scan_id, name, seed, rule) for scan_id, name in lidc_scan_names()[:limit]]
+        return _build_store(root, tasks, parameters, workers=workers, progress=progress)
 
 
 def render_nodule(mask: np.ndarray, texture: float, calcification: int,
@@ -181,29 +182,6 @@ class _ScanResult:
     crops: list[np.ndarray] = field(default_factory=list)
     masks: list[np.ndarray] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
-
-
-def _existing_store(root: Path, parameters: dict[str, Any], force: bool) -> CropStore | None:
-    """The store at ``root`` if it can be reused as is; None if it may be (re)built."""
-    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        return None
-    if not (root / MANIFEST_FILE).is_file():
-        raise StoreError(f"{root} exists and is not a crop store; choose another --data-dir")
-    if force:
-        return None
-    hint = "pass --force to rebuild it, or --data-dir to build elsewhere"
-    try:
-        store = CropStore.open(root)
-    except StoreError as err:
-        raise StoreError(f"{err}; {hint}") from err
-    wanted = {"source": SOURCE, **json.loads(json.dumps(parameters))}
-    found = {"source": store.manifest.get("source"), **store.manifest.get("parameters", {})}
-    changed = [f"{k} {found.get(k)!r} (store) vs {v!r} (asked)" for k, v in wanted.items()
-               if found.get(k) != v]
-    if not changed:
-        return store
-    raise StoreError(f"{root} holds a store built with other parameters: "
-                     f"{'; '.join(changed)}; {hint}")
 
 
 def _build_store(root: Path, tasks: Sequence[_ScanTask], parameters: dict[str, Any], *,

@@ -46,9 +46,13 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voxel", action="store_true",
                    help="the --at numbers are voxel indices: column (x), row (y), slice (z)")
     p.add_argument("--out", type=Path, default=Path("predictions.json"),
-                   help="JSON report to write (default predictions.json)")
+                   help="JSON report to write (default predictions.json); it is replaced atomically, "
+                   "so it must be a regular file, never a link or a device")
     p.add_argument("--explain", type=Path, metavar="DIR",
                    help="write DIR/<nodule>/ct.nii.gz, attention.nii.gz, gradcam.nii.gz and slices.png")
+    p.add_argument("--assume-hu", action="store_true",
+                   help="take a .mhd/NIfTI CT as Hounsfield units even if its values do not look so "
+                   "(by default one without air at about -1000 HU is refused as not CT)")
     p.add_argument("--provider", choices=PROVIDERS, default="cpu",
                    help="ONNX Runtime execution provider (or the device of a PyTorch run); default cpu")
     # World coordinates are often negative: let "--at -166,-171,-300" be a value, not an option.
@@ -63,7 +67,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = args.model or newest_run("*/export/model.onnx", "exported model", "--model")
     try:
         prediction = run_predict(model, args.ct, at=args.at, voxel=args.voxel, lidc=args.lidc,
-                                 out=args.out, explain=args.explain, provider=args.provider)
+                                 out=args.out, explain=args.explain, provider=args.provider,
+                                 assume_hu=args.assume_hu)
     except PredictError as err:
         raise UsageError(str(err)) from err
     print_prediction(prediction)

@@ -5,20 +5,23 @@ orthogonal slices through the nodule.
 The crop's array axes run along world +z, +y, +x at ``spacing_mm``, so each volume is written
 with an identity direction, that spacing, and as origin the world (x, y, z) of its voxel
 [0, 0, 0]: any viewer that opens the CT places them on it. SimpleITK and matplotlib are
-imported where used.
+imported where used. SimpleITK does not report a failed write (a full disk leaves an empty or
+short file without an error), so every volume is read back and compared before it is kept.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
-import tempfile
+import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from naslung.fileio import write_atomically
+from naslung.fileio import OutputError, temp_path, write_atomically
 
 HU_DISPLAY = (-1000.0, 400.0)
 """Grey window of the slice pictures (lung and soft tissue)."""
@@ -78,12 +81,32 @@ def write_image(path: Path, array: np.ndarray, origin_mm: np.ndarray, spacing_mm
     def write(tmp: Path) -> None:
         # SimpleITK picks the format and compression by the file name, so it writes under the
         # real name in a private folder, and that file becomes the temporary one.
-        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{path.name}.") as work:
-            staged = Path(work) / path.name
+        work = temp_path(path, "dir")
+        try:
+            work.mkdir()
+            staged = work / path.name
             sitk.WriteImage(image, str(staged), True)
+            _check_written(staged, array, path)
             os.replace(staged, tmp)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     return write_atomically(path, write)
+
+
+def _check_written(staged: Path, array: np.ndarray, path: Path) -> None:
+    """`OutputError` unless ``staged`` reads back (gzip checksum included) as ``array``."""
+    import SimpleITK as sitk
+
+    try:
+        if staged.name.endswith(".gz"):
+            gzip.decompress(staged.read_bytes())
+        whole = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(staged))), array, equal_nan=True)
+    except (OSError, EOFError, RuntimeError, zlib.error):
+        whole = False
+    if not whole:
+        raise OutputError(f"cannot write {path}: the file did not read back as written (is the "
+                          "disk full?)")
 
 
 def write_slices(path: Path, explanation: Explanation) -> Path:

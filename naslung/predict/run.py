@@ -1,17 +1,19 @@
 """`naslung predict`: a deployed model, a CT and where its nodules are in; each nodule's
 malignancy probability, the members' votes and (optionally) attention maps out.
 
-Everything is checked before anything runs or is written (the model's metadata and units, the
-CT, every position and the CT's size and orientation), so a request that cannot be served
-leaves no file behind. The crop is cut exactly as the crop store cuts it: the model's
-``grid``^3 grid of ``spacing_mm`` voxels around the nodule (`volume_grid`, `hu_crop`: int16 HU,
-air outside the scan), of which the centred ``crop``^3 cube is fed in. All nodules run in one
-batch.
+Everything is checked before anything runs or is written (the outputs, the model's metadata
+and units, the CT, every position and the CT's size and orientation), so a request that cannot
+be served leaves no file behind. The report and the explanation folders are one set: the
+folders are built aside, and they and the report are put in place only when all are written.
+The crop is cut exactly as the crop store cuts it: the model's ``grid``^3 grid of
+``spacing_mm`` voxels around the nodule (`volume_grid`, `hu_crop`: int16 HU, air outside the
+scan), of which the centred ``crop``^3 cube is fed in. All nodules run in one batch.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +26,19 @@ from naslung.data.crop import ObliqueCTError, hu_crop, volume_grid
 from naslung.data.ct import CTVolume, read_ct
 from naslung.export.metadata import HU_UNITS, THRESHOLD, ModelError, ModelMetadata
 from naslung.export.runners import Outputs, open_runner, run_in_batches
-from naslung.fileio import write_json
-from naslung.predict.explain import Explanation, upsample, write_explanation
+from naslung.fileio import (
+    OutputError,
+    check_output_dir,
+    check_output_file,
+    fsync_tree,
+    json_text,
+    make_dirs,
+    replace_dir,
+    staged_file,
+    temp_path,
+    write_json,
+)
+from naslung.predict.explain import FILES, Explanation, upsample, write_explanation
 from naslung.predict.positions import (
     Nodule,
     PositionError,
@@ -84,19 +97,10 @@ def open_model(model: str | os.PathLike, provider: str) -> Any:
     return runner
 
 
-def check_writable(path: Path, option: str) -> None:
-    """Refuse, before any work, an output location that cannot be written: its nearest existing
-    folder must be a writable folder."""
-    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        problem = "not a folder" if not existing.is_dir() else "not writable"
-        raise PredictError(f"{option} {path} cannot be written ({existing} is {problem})")
-
-
-def read_volume(ct: str | os.PathLike) -> CTVolume:
+def read_volume(ct: str | os.PathLike, assume_hu: bool = False) -> CTVolume:
     started = time.perf_counter()
     with console.status(f"reading CT {ct}"):
-        volume = read_ct(ct)
+        volume = read_ct(ct, assume_hu=assume_hu)
     x, y, z = volume.hu.shape[::-1]
     sx, sy, sz = volume.spacing
     whose = f"patient {volume.patient_id}" if volume.patient_id else Path(ct).name
@@ -128,30 +132,30 @@ def find_nodules(volume: CTVolume, metadata: ModelMetadata, at: list[tuple[float
 def run_predict(model: str | os.PathLike, ct: str | os.PathLike, *,
                 at: list[tuple[float, float, float]] | None = None, voxel: bool = False,
                 lidc: bool = False, out: str | os.PathLike = "predictions.json",
-                explain: str | os.PathLike | None = None, provider: str = "cpu") -> Prediction:
+                explain: str | os.PathLike | None = None, provider: str = "cpu",
+                assume_hu: bool = False) -> Prediction:
     """Classify the nodules of ``ct`` at ``at`` (world mm, or voxel x, y, z with ``voxel``) or,
     with ``lidc``, every nodule LIDC's readers outlined; write the JSON report to ``out`` and,
-    with ``explain``, each nodule's crop, attention and Grad-CAM under ``explain/<id>/``."""
+    with ``explain``, each nodule's crop, attention and Grad-CAM under ``explain/<id>/``.
+    ``assume_hu`` takes a NIfTI or MetaImage CT as HU even when its values do not look so."""
     if lidc == bool(at):
         raise PredictError("give the nodule positions with --at X,Y,Z (repeatable) or --lidc, not both")
     if voxel and not at:
         raise PredictError("--voxel says how to read the --at positions; it needs --at")
-    out = Path(out)
-    explain = Path(explain) if explain is not None else None
-    if out.is_dir():
-        raise PredictError(f"--out {out} is a folder; give the JSON file to write")
-    check_writable(out.parent, "--out")
-    if explain is not None:
-        if explain.exists() and not explain.is_dir():
-            raise PredictError(f"--explain {explain} is a file; give a folder")
-        check_writable(explain, "--explain")
+    try:
+        out = check_output_file(out, "--out")
+        explain = check_output_dir(explain, "--explain") if explain is not None else None
+    except OutputError as err:
+        raise PredictError(str(err)) from err
     runner = open_model(model, provider)
     metadata = runner.metadata
     console.print(f"model {model}: {runner.kind} ({runner.backend}), {len(metadata.members)} member(s) "
                   f"({', '.join(metadata.archs)}), {metadata.precision}, {metadata.crop}^3 crops "
                   f"of {metadata.spacing_mm:g} mm voxels")
-    volume = read_volume(ct)
+    volume = read_volume(ct, assume_hu)
     nodules, crops = find_nodules(volume, metadata, at or [], voxel, lidc)
+    if explain is not None:
+        check_explanation_folders(explain, nodules)
 
     started = time.perf_counter()
     with console.status(f"running the model on {len(nodules)} crop(s)"):
@@ -159,8 +163,6 @@ def run_predict(model: str | os.PathLike, ct: str | os.PathLike, *,
     console.print(f"ran {len(nodules)} crop(s) in one batch [{time.perf_counter() - started:.2f} s]")
 
     records = [nodule_record(nodule, i, outputs, metadata) for i, nodule in enumerate(nodules)]
-    if explain is not None:
-        write_explanations(explain, nodules, records, crops, outputs, metadata)
     report = {
         "model": {"path": str(model), "kind": runner.kind, "backend": runner.backend,
                   "archs": metadata.archs,
@@ -175,20 +177,58 @@ def run_predict(model: str | os.PathLike, ct: str | os.PathLike, *,
         "nodules": records,
         "versions": versions(),
     }
-    write_json(out, report)
+    if explain is None:
+        write_json(out, report)
+    else:
+        write_report_and_explanations(out, report, explain, nodules, crops, outputs, metadata)
     return Prediction(report, out, explain)
 
 
-def write_explanations(folder: Path, nodules: list[Nodule], records: list[dict[str, Any]],
-                       crops: np.ndarray, outputs: Outputs, metadata: ModelMetadata) -> None:
-    """Each nodule's explanation files in ``folder/<id>/``, their paths into its record."""
-    for i, (nodule, record) in enumerate(zip(nodules, records, strict=True)):
-        title = (f"{nodule.id}: probability {record['probability']:.3f}, {record['label']} "
-                 f"({record['votes_malignant']}/{record['members']} members vote malignant)")
-        paths = write_explanation(folder / nodule.id, Explanation(
-            crops[i], outputs.attention[i], upsample(outputs.gradcam[i], metadata.crop),
-            crop_origin_mm(nodule.position_mm, metadata), metadata.spacing_mm, title))
-        record["explain"] = {name: str(path) for name, path in paths.items()}
+def check_explanation_folders(explain: Path, nodules: list[Nodule]) -> None:
+    """Before the model runs: each ``explain/<id>`` is absent or an earlier explanation (a folder
+    of naslung's own files), which alone may be replaced."""
+    for nodule in nodules:
+        folder = explain / nodule.id
+        if not os.path.lexists(folder):
+            continue
+        foreign = (not folder.is_dir() or folder.is_symlink()
+                   or any(name not in FILES.values() for name in os.listdir(folder)))
+        if foreign:
+            raise PredictError(f"--explain {explain}: {folder} is not an earlier explanation (it holds "
+                               "other things); naslung replaces only its own, so move it or choose "
+                               "another --explain folder")
+
+
+def write_report_and_explanations(out: Path, report: dict[str, Any], explain: Path,
+                                  nodules: list[Nodule], crops: np.ndarray, outputs: Outputs,
+                                  metadata: ModelMetadata) -> None:
+    """Every nodule's explanation folder, built in a temporary folder inside ``explain``, and
+    the report; the folders are put in place only once all of them and the report are written,
+    the report last."""
+    created = make_dirs(explain)
+    staging = temp_path(explain / "explanations")
+    written = False
+    try:
+        staging.mkdir()
+        for i, (nodule, record) in enumerate(zip(nodules, report["nodules"], strict=True)):
+            title = (f"{nodule.id}: probability {record['probability']:.3f}, {record['label']} "
+                     f"({record['votes_malignant']}/{record['members']} members vote malignant)")
+            write_explanation(staging / nodule.id, Explanation(
+                crops[i], outputs.attention[i], upsample(outputs.gradcam[i], metadata.crop),
+                crop_origin_mm(nodule.position_mm, metadata), metadata.spacing_mm, title))
+            record["explain"] = {kind: str(explain / nodule.id / name) for kind, name in FILES.items()}
+        fsync_tree(staging)
+        with staged_file(out) as tmp:
+            tmp.write_text(json_text(report))
+            for nodule in nodules:
+                replace_dir(staging / nodule.id, explain / nodule.id)
+        written = True
+    except OutputError as err:  # name the file where the user will look for it
+        raise OutputError(str(err).replace(str(staging), str(explain))) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created is not None and not written:
+            shutil.rmtree(created, ignore_errors=True)
 
 
 def nodule_record(nodule: Nodule, index: int, outputs: Outputs, metadata: ModelMetadata) -> dict[str, Any]:

@@ -42,6 +42,9 @@ from naslung.versions import versions
 
 OBJECTIVES = ("params", "flops", "latency")
 METRICS = ("accuracy", "auc")
+FAILURES_BEFORE_GIVING_UP = 5
+"""A search whose first this-many candidates all fail (each after a retry) stops: the settings
+or the data are at fault, not the candidates."""
 
 
 @dataclass
@@ -113,17 +116,35 @@ def _fill(pop: PartialOrderPruning, slots: int) -> None:
         pass
 
 
-def _replay(pop: PartialOrderPruning, entries: list[dict[str, Any]], slots: int) -> int:
+def _check_entry(entry: dict[str, Any], space: SearchSpace, cost: np.ndarray, head: str) -> None:
+    """`JournalError` unless a journalled candidate's arch, parameters, FLOPs and cost are what
+    this search computes for its index: an edited line would otherwise steer the front."""
+    index, where = entry["index"], f"the journal's candidate {entry['arch']!r} (index {entry['index']})"
+    if index >= len(space):
+        raise JournalError(f"{where}: index beyond this search space of {len(space):,} archs")
+    arch = space.arch(index)
+    found = {"arch": str(arch), "params": arch.params(head), "flops": arch.flops(head=head)}
+    for name, value in found.items():
+        if entry[name] != value:
+            raise JournalError(f"{where}: {name} is {value!r} for this index, the journal says "
+                               f"{entry[name]!r}; the journal was edited or belongs to another search")
+    if not math.isclose(entry["cost"], float(cost[index]), rel_tol=1e-6, abs_tol=1e-9):
+        raise JournalError(f"{where}: cost {entry['cost']!r} differs from this search's "
+                           f"{float(cost[index])!r}")
+
+
+def _replay(pop: PartialOrderPruning, entries: list[dict[str, Any]], slots: int, head: str) -> int:
     """Put POP back in the state the journal left it in; returns the slots in use at its end.
 
     The driver draws until ``slots`` candidates are in flight and records them in draw order,
     so replaying the same draws and records, with the slot changes the journal notes, leads
-    POP through the same states.
+    POP through the same states. Every candidate is checked by `_check_entry` first.
     """
     for entry in entries:
         if entry.get("type") == "slots":
             slots = int(entry["slots"])
             continue
+        _check_entry(entry, pop.space, pop.cost, head)
         _fill(pop, slots)
         if not pop.in_flight or pop.in_flight[0] != entry["index"]:
             raise JournalError(f"the journal's candidate {entry['arch']} is not the one this search "
@@ -164,7 +185,7 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
     run_dir = Path(run_dir)
     journal = Journal(run_dir / "journal.jsonl")
     header = {"type": "header", "config": cfg.to_dict(), "store_sha256": store.fingerprint,
-              "store": str(store.root.resolve()), "versions": versions()}
+              "store": str(store.root.resolve()), "store_verified": store.verified, "versions": versions()}
     records = journal.read()
     if records and not resume:
         raise JournalError(f"{journal.path} exists: pass --resume to continue that search, "
@@ -178,7 +199,7 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
     cost = _search_cost(space, cfg, run_dir, device, show_progress)
     pop = PartialOrderPruning(space, cost, cfg.seed, cfg.patience, cfg.max_candidates)
     entries = [r for r in records if r.get("type") in ("candidate", "slots")]
-    journal_slots = _replay(pop, entries, records[0].get("slots", 1)) if records else None
+    journal_slots = _replay(pop, entries, records[0].get("slots", 1), cfg.head) if records else None
     scores = {r["index"]: r["score"] for r in entries if r.get("status") == "ok"}
     if entries:
         console.print(f"resuming: {len(pop.trained) + len(pop.failed)} candidate(s) from {journal.path}, "
@@ -214,6 +235,7 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
                 submit(index, 0)
 
     running: dict[int, tuple[Future[TrialResult], int]] = {}
+    given_up = None
     try:
         with view:
             fill()
@@ -230,14 +252,18 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
                     submit(index, 1)
                     continue
                 _record(pop, journal, run_dir, store, space, cfg, index, future, scores)
+                if not pop.trained and len(pop.failed) >= FAILURES_BEFORE_GIVING_UP:
+                    given_up = (f"gave up: the first {len(pop.failed)} candidates all failed, the last "
+                                f"with {type(error).__name__}: {error}")
+                    break
                 fill()
                 view.update(pop, scores)
     finally:
         executor.close()
-    stop_reason = pop.stop_reason or (f"time budget of {cfg.time_budget_s:g} s"
-                                      if cfg.time_budget_s is not None else "stopped")
+    stop_reason = given_up or pop.stop_reason or (f"time budget of {cfg.time_budget_s:g} s"
+                                                  if cfg.time_budget_s is not None else "stopped")
     wall = time.perf_counter() - started
-    return _finish(run_dir, space, pop, cfg, journal, stop_reason, busy, wall)
+    return _finish(run_dir, space, pop, cfg, journal, stop_reason, busy, wall, store.verified)
 
 
 def _record(pop: PartialOrderPruning, journal: Journal, run_dir: Path, store: CropStore,
@@ -278,7 +304,8 @@ def _record(pop: PartialOrderPruning, journal: Journal, run_dir: Path, store: Cr
 
 
 def _finish(run_dir: Path, space: SearchSpace, pop: PartialOrderPruning, cfg: SearchConfig,
-            journal: Journal, stop_reason: str, busy: float, wall: float) -> SearchResult:
+            journal: Journal, stop_reason: str, busy: float, wall: float,
+            store_verified: str) -> SearchResult:
     """pareto.json, pareto.png, and checkpoints of the front only."""
     header, *rest = journal.read()
     records = [r for r in rest if r.get("type") == "candidate"]
@@ -302,6 +329,7 @@ def _finish(run_dir: Path, space: SearchSpace, pop: PartialOrderPruning, cfg: Se
         "trained": result.trained, "pruned": result.pruned, "remaining": result.remaining,
         "space_size": len(space), "held_out_test_fold": cfg.test_fold,
         "store": header["store"], "store_sha256": header["store_sha256"],
+        "store_verified": store_verified,
         "search_overhead_fraction_this_run": round(overhead, 4), "config": cfg.to_dict()})
     _plot(run_dir / "pareto.png", records, front, cfg)
     return result

@@ -20,6 +20,7 @@ import torch
 from rich.progress import Progress
 
 from naslung.data.store import CropStore
+from naslung.processes import process_pool, stop_pool
 from naslung.search.trial import Trial, TrialData, TrialResult, run_trial
 
 EXECUTORS = ("inprocess", "process", "ray")
@@ -88,7 +89,9 @@ class ProcessPoolTrialExecutor:
 
     CPU workers share the cores evenly (torch threads = cores // workers). A worker that dies
     (out of memory, a crash in native code) breaks the pool: its trials fail, which the driver
-    retries, and the next submit starts a fresh pool.
+    retries, and the next submit starts a fresh pool. Workers follow `naslung.processes`
+    (quiet on Ctrl-C, dead with the driver), and `close` kills them rather than waiting for
+    trials nobody will record.
     """
 
     def __init__(self, store: CropStore, device: torch.device, workers: int) -> None:
@@ -98,27 +101,25 @@ class ProcessPoolTrialExecutor:
         self.store_root = str(store.root)
         self.devices = worker_devices(device, workers)
         self.threads = max(1, (os.cpu_count() or 1) // workers) if device.type == "cpu" else 1
-        self.context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self.description = f"{workers} worker process(es) on {', '.join(sorted(set(self.devices)))}"
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        devices = self.context.Queue()
+        devices = multiprocessing.get_context("spawn").Queue()  # CUDA cannot be forked
         for device in self.devices:
             devices.put(device)
-        return ProcessPoolExecutor(self.slots, mp_context=self.context, initializer=_start_worker,
-                                   initargs=(self.store_root, devices, self.threads))
+        return process_pool(self.slots, _start_worker, (self.store_root, devices, self.threads))
 
     def submit(self, trial: Trial) -> Future[TrialResult]:
         try:
             return self.pool.submit(_run_in_worker, trial)
         except BrokenProcessPool:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            stop_pool(self.pool)
             self.pool = self._new_pool()
             return self.pool.submit(_run_in_worker, trial)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        stop_pool(self.pool)
 
 
 # --- Ray ------------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ def cross_validate(store: CropStore, cfg: TrainConfig, run_dir: str | os.PathLik
     _check_run_dir(run_dir, cfg.to_dict(), store.fingerprint)
     write_json(run_dir / "config.json", {
         "train": cfg.to_dict(), "store": str(store.root.resolve()),
-        "store_sha256": store.fingerprint, "device": str(device), "versions": versions()})
+        "store_sha256": store.fingerprint, "store_verified": store.verified, "device": str(device),
+        "versions": versions()})
     finished = _finished_folds(run_dir)
 
     volumes = volumes_on_device(store.crops, cfg, device)

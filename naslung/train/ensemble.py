@@ -233,6 +233,7 @@ def format_markdown(report: EnsembleReport, store: CropStore, search_dir: Path, 
         f"architecture, an epoch or a threshold. Metrics are mean ± std over the test folds; "
         f"Δ columns are the pooled out-of-fold difference to the size baseline with a 95 % "
         f"interval from {BOOTSTRAP_RESAMPLES:,} resamples of patients (seed {BOOTSTRAP_SEED}). "
+        f"The store's files were checked before training ({store.verified}). "
         + (f"The search itself never saw fold {held}; the other folds trained or validated its "
            f"candidates, so the fold-{held} columns are the strictly unbiased ones.\n"
            if held is not None else
