@@ -226,6 +226,7 @@ def cmd_download_lidc(args: argparse.Namespace) -> int:
             return 0
         if args.out is None:
             raise UsageError("downloading needs --out DIR (or --dry-run to only list)")
+        check_output_dir(args.out, "--out")
         console.print(f"downloading {len(series)} series ({total_mb / 1024:.2f} GB) into {args.out}")
         download_lidc(args.out, series, progress=not args.no_progress)
     except DownloadError as err:

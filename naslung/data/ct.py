@@ -55,6 +55,11 @@ AIR_PERCENTILE = 1.0
 AIR_HU_MAX = -700.0
 """In a chest CT in HU the darkest `AIR_PERCENTILE` % of voxels is air or lung (about -1000 to
 -800 HU). An MR or PET volume, or CT without its rescale to HU, has nothing that dark."""
+MAX_SPACING_MM = 100.0
+MAX_COORDINATE_MM = 1e5
+"""Voxel sizes and world positions beyond these (100 mm, 100 m) come from damaged headers."""
+MAX_VOXELS = 1 << 30
+"""More voxels than any CT (1024^3): a header that claims more is damaged."""
 _MHD_ELEMENT_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
                       "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_FLOAT": 4,
                       "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_DOUBLE": 8}
@@ -275,12 +280,14 @@ def _read_slice(path: Path, required: bool) -> _Slice | None:
 def _slice_from_header(path: Path, ds, little_endian: bool) -> _Slice:
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     bits_allocated = int(ds.get("BitsAllocated", 16))
+    if bits_allocated not in (8, 16, 32):
+        raise _Problem(f"BitsAllocated {bits_allocated}; expected 8, 16 or 32")
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         padding = int(padding)
         if signed and padding >= 1 << (bits_allocated - 1):  # stored as US though the pixels are signed
             padding -= 1 << bits_allocated
-    return _Slice(
+    found = _Slice(
         path=path, series_uid=str(ds.SeriesInstanceUID), patient_id=_text(ds, "PatientID"),
         modality=_text(ds, "Modality"), position=_floats(ds, "ImagePositionPatient", 3),
         orientation=_floats(ds, "ImageOrientationPatient", 6), pixel_spacing=_floats(ds, "PixelSpacing", 2),
@@ -289,6 +296,13 @@ def _slice_from_header(path: Path, ds, little_endian: bool) -> _Slice:
         samples=int(ds.get("SamplesPerPixel", 1)), frames=int(ds.get("NumberOfFrames", 1) or 1),
         slope=float(ds.get("RescaleSlope", 1) or 1), intercept=float(ds.get("RescaleIntercept", 0) or 0),
         padding=padding, little_endian=little_endian)
+    if found.rows < 1 or found.columns < 1:
+        raise _Problem(f"image size {found.rows}x{found.columns} holds no pixel")
+    if not 1 <= found.bits_stored <= found.bits_allocated:
+        raise _Problem(f"BitsStored {found.bits_stored} does not fit BitsAllocated {found.bits_allocated}")
+    if not (math.isfinite(found.slope) and math.isfinite(found.intercept)):
+        raise _Problem(f"RescaleSlope {found.slope} or RescaleIntercept {found.intercept} is not finite")
+    return found
 
 
 def _pixel_offset(fp, size: int, found: _Slice, implicit_vr: bool) -> int:
@@ -361,7 +375,8 @@ def _check_stacked_along_normal(slices: list[_Slice], normal: np.ndarray, source
     limit = IN_PLANE_DRIFT * min(slices[0].pixel_spacing)
     if in_plane.max() > limit:
         worst = slices[int(in_plane.argmax())]
-        raise CTReadError(f"{source}: an {orientation_name(normal)} series whose slices drift "
+        kind = orientation_name(normal)
+        raise CTReadError(f"{source}: {'an' if kind[0] in 'aeio' else 'a'} {kind} series whose slices drift "
                           f"{in_plane.max():.2f} mm sideways along the stack ({worst.path.name} against "
                           f"{slices[0].path.name}): ImagePositionPatient does not follow the slice normal "
                           "(gantry tilt or a sheared series), so no regular volume describes it; "
@@ -384,6 +399,12 @@ def _check_series(slices: list[_Slice], source: Path) -> None:
                                            ("PixelSpacing", s.pixel_spacing)) if value is None]
         if absent:
             raise CTReadError(f"{s.path}: lacks {', '.join(absent)}, so the slice cannot be placed")
+        if not 0 < min(s.pixel_spacing) <= max(s.pixel_spacing) <= MAX_SPACING_MM:
+            raise CTReadError(f"{s.path}: PixelSpacing {s.pixel_spacing} is not in "
+                              f"(0, {MAX_SPACING_MM:g}] mm")
+        if max(abs(v) for v in s.position) > MAX_COORDINATE_MM:
+            raise CTReadError(f"{s.path}: ImagePositionPatient {s.position} lies beyond "
+                              f"{MAX_COORDINATE_MM:g} mm")
         if s.samples != 1 or s.frames != 1 or s.bits_allocated not in (8, 16, 32):
             raise CTReadError(f"{s.path}: unsupported pixel layout ({s.samples} samples, {s.frames} frames, "
                               f"{s.bits_allocated} bits); expected single-frame greyscale 8/16/32-bit")
@@ -499,28 +520,31 @@ def _plane_to_hu(plane: np.ndarray, slope: float, intercept: float, out: np.ndar
             return 0
     scaled = np.rint(plane.astype(np.float32) * np.float32(slope) + np.float32(intercept))
     clipped = int(np.count_nonzero((scaled < -32768) | (scaled > 32767)))
+    not_a_number = ~np.isfinite(scaled)
+    if not_a_number.any():  # NaN marks outside-of-field in some resampled volumes
+        scaled[not_a_number] = AIR_HU
+        clipped += int(np.count_nonzero(not_a_number))
     np.clip(scaled, -32768, 32767, out=out, casting="unsafe")
     np.putmask(out, out <= PADDING_HU, AIR_HU)
     return clipped
 
 
 def _clipping_warnings(clipped: int) -> list[str]:
-    return [f"{clipped} voxel(s) outside the int16 range clipped to -32768..32767"] if clipped else []
+    return [f"{clipped} voxel(s) outside the int16 range clipped to -32768..32767 (or, not a number, "
+            "set to air)"] if clipped else []
 
 
 def _read_image_file(path: Path, series_uid: str | None, assume_hu: bool) -> CTVolume:
     import SimpleITK as sitk
 
     if path.name.lower().endswith(".mhd"):
-        _check_mhd_data_file(path)
+        _check_metaimage_header(path)
+    _check_image_header(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         raise CTReadError(f"{path}: not a readable image ({_sitk_message(err)})") from None
-    dimension, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
-    if dimension != 3 or components != 1:
-        raise CTReadError(f"{path}: {dimension}-D image with {components} component(s) per voxel; "
-                          "expected a 3-D greyscale CT")
+    _check_image_geometry(path, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     values = sitk.GetArrayViewFromImage(image)
     hu = np.empty(values.shape, dtype=np.int16)
     clipped = sum(_plane_to_hu(plane, 1.0, 0.0, out) for plane, out in zip(values, hu, strict=True))
@@ -535,6 +559,103 @@ def _read_image_file(path: Path, series_uid: str | None, assume_hu: bool) -> CTV
     return volume
 
 
+def _check_image_header(path: Path) -> None:
+    """Refuse, from the header alone, an image that is not one 3-D greyscale volume, or whose
+    header claims more voxels than a CT has or than its file holds (so that no garbage header
+    makes the reader allocate gigabytes)."""
+    import SimpleITK as sitk
+
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_geometry_fields(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise CTReadError(f"{path}: not a readable image ({_sitk_message(err)})") from None
+    dimension, components, size = reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize()
+    if dimension != 3 or components != 1:
+        raise CTReadError(f"{path}: {dimension}-D image with {components} component(s) per voxel; "
+                          "expected a 3-D greyscale CT")
+    voxels = math.prod(size)
+    if voxels > MAX_VOXELS or min(size) < 1:
+        raise CTReadError(f"{path}: its header gives {' x '.join(map(str, size))} voxels, not a CT volume "
+                          f"(at most {MAX_VOXELS:,} voxels)")
+    needed = voxels * sitk.Image([1, 1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
+    stored = _stored_bytes(path)
+    if stored is not None and needed < 1 << 32 and stored < needed:
+        raise CTReadError(f"{path}: holds {stored:,} bytes of image data, but its header's "
+                          f"{' x '.join(map(str, size))} voxels need {needed:,}: cut short")
+
+
+_NIFTI_LAYOUTS = {
+    # sizeof_hdr: (dim, pixdim, scl_slope/scl_inter, qform/sform codes, quatern+qoffset, srow),
+    # each as (offset, struct format); NIfTI-1 in 4-byte, NIfTI-2 in 8-byte numbers.
+    348: ((40, "8h"), (76, "8f"), (112, "2f"), (252, "2h"), (256, "6f"), (280, "12f")),
+    540: ((16, "8q"), (104, "8d"), (176, "2d"), (344, "2i"), (352, "6d"), (400, "12d")),
+}
+
+
+def _check_nifti_geometry_fields(path: Path) -> None:
+    """Refuse a NIfTI header whose dimensions or geometry are not finite, sane numbers before
+    SimpleITK reads it: its NIfTI reader loops forever on some (an infinite sform, seen here)."""
+    import gzip
+
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+            header = f.read(540)
+    except (OSError, EOFError) as err:
+        raise CTReadError(f"{path}: not a readable NIfTI file ({_one_line(err)})") from None
+    for endian in "<>":
+        if len(header) >= 4 and (size := struct.unpack(endian + "i", header[:4])[0]) in _NIFTI_LAYOUTS:
+            break
+    else:
+        raise CTReadError(f"{path}: not a NIfTI file (no NIfTI-1 or NIfTI-2 header)")
+    if len(header) < size:
+        raise CTReadError(f"{path}: its NIfTI header is cut short")
+    dim, pixdim, scaling, codes, quatern, srow = (
+        struct.unpack_from(endian + fmt, header, offset) for offset, fmt in _NIFTI_LAYOUTS[size])
+    if not 1 <= dim[0] <= 7 or min(dim[1:dim[0] + 1]) < 1:
+        raise CTReadError(f"{path}: NIfTI dimensions {dim[:dim[0] + 1] if 0 <= dim[0] <= 7 else dim} "
+                          "are not an image")
+    numbers = [*pixdim[1:4], *scaling]
+    numbers += [*quatern] if codes[0] > 0 else []
+    numbers += [*srow] if codes[1] > 0 else []
+    if not all(math.isfinite(v) for v in numbers):
+        raise CTReadError(f"{path}: its NIfTI header holds values that are not finite in the voxel "
+                          "size, scaling or orientation (pixdim, scl_*, quatern/qoffset, srow)")
+
+
+def _stored_bytes(path: Path) -> int | None:
+    """Bytes of (uncompressed) image data a NIfTI file can hold, header included; None for
+    other formats. A .nii.gz states its uncompressed size (modulo 4 GiB) in its last 4 bytes."""
+    name = path.name.lower()
+    if name.endswith(".nii"):
+        return path.stat().st_size
+    if name.endswith(".nii.gz"):
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) < 18:  # shorter than an empty gzip stream
+                return 0
+            f.seek(-4, os.SEEK_END)
+            return struct.unpack("<I", f.read(4))[0]
+    return None
+
+
+def _check_image_geometry(path: Path, spacing: tuple[float, ...], origin: tuple[float, ...],
+                          direction: tuple[float, ...]) -> None:
+    """Refuse a geometry no crop can be placed by: values not finite, spacing or origin beyond
+    what a scanner writes, direction cosines not orthonormal."""
+    values = np.array([*spacing, *origin, *direction], dtype=float)
+    matrix = np.reshape(direction, (3, 3))
+    if (not np.isfinite(values).all() or not 0 < min(spacing) <= max(spacing) <= MAX_SPACING_MM
+            or max(abs(v) for v in origin) > MAX_COORDINATE_MM):
+        raise CTReadError(f"{path}: unusable geometry (spacing {spacing}, origin {origin}): voxel sizes "
+                          f"must lie in (0, {MAX_SPACING_MM:g}] mm and the origin within "
+                          f"{MAX_COORDINATE_MM:g} mm")
+    if not np.allclose(matrix.T @ matrix, np.eye(3), atol=1e-3):
+        raise CTReadError(f"{path}: direction cosines {direction} are not orthonormal")
+
+
 def _check_looks_like_hu(path: Path, hu: np.ndarray) -> None:
     """Refuse values that are not CT in HU: no air where a chest CT always has some."""
     darkest = float(np.percentile(hu[::2, ::4, ::4], AIR_PERCENTILE))
@@ -545,9 +666,16 @@ def _check_looks_like_hu(path: Path, hu: np.ndarray) -> None:
                           "without its rescale to HU?); pass --assume-hu if it is CT in HU")
 
 
-def _check_mhd_data_file(path: Path) -> None:
-    """SimpleITK blames the .mhd itself when its data file is missing or short; name the data
-    file and say what is wrong with it instead."""
+_MHD_NUMBERS = {  # MetaImage keys (and their synonyms) that must hold this many finite numbers
+    ("DimSize",): 3, ("ElementSpacing", "ElementSize"): 3, ("Offset", "Position", "Origin"): 3,
+    ("TransformMatrix", "Rotation", "Orientation"): 9, ("CenterOfRotation",): 3,
+}
+
+
+def _check_metaimage_header(path: Path) -> None:
+    """Check a MetaImage header before SimpleITK reads it: it crashes the process on some
+    (``NDims = -1``), and it blames the .mhd itself when its data file is missing or short. Only
+    3-D greyscale images with sane numbers pass; the data file is named when it is wrong."""
     try:
         header = path.read_text(errors="replace")
     except OSError as err:
@@ -556,33 +684,50 @@ def _check_mhd_data_file(path: Path) -> None:
     name = fields.get("ElementDataFile")
     if not name:
         raise CTReadError(f"{path}: not a MetaImage header (no ElementDataFile line)")
-    if name == "LOCAL" or " " in name or name.upper() == "LIST":
-        return
-    data = path.parent / name
-    if not data.is_file():
+    separate = name != "LOCAL" and " " not in name and name.upper() != "LIST"
+    if separate and not (path.parent / name).is_file():
         raise CTReadError(f"{path}: its data file {name} is missing (expected next to it)")
+    if fields.get("NDims") != "3" or fields.get("ElementNumberOfChannels", "1") != "1":
+        raise CTReadError(f"{path}: NDims {fields.get('NDims')!r} with ElementNumberOfChannels "
+                          f"{fields.get('ElementNumberOfChannels', '1')!r}; expected a 3-D greyscale CT")
+    if fields.get("ElementType") not in _MHD_ELEMENT_BYTES:
+        raise CTReadError(f"{path}: unknown ElementType {fields.get('ElementType')!r}")
+    for keys, count in _MHD_NUMBERS.items():
+        for key in keys:
+            if key in fields and not _finite_numbers(fields[key], count):
+                raise CTReadError(f"{path}: {key} {fields[key]!r} is not {count} finite numbers")
+    if "DimSize" not in fields or min(float(v) for v in fields["DimSize"].split()) < 1:
+        raise CTReadError(f"{path}: DimSize {fields.get('DimSize')!r} is not three sizes of at least 1")
+    for key in ("HeaderSize", "CompressedDataSize"):
+        if key in fields and not re.fullmatch(r"-?\d+", fields[key]):
+            raise CTReadError(f"{path}: {key} {fields[key]!r} is not a whole number")
+    if not separate:
+        return
     needed = _mhd_data_bytes(fields)
-    size = data.stat().st_size
+    size = (path.parent / name).stat().st_size
     if needed is not None and size < needed:
         raise CTReadError(f"{path}: its data file {name} holds {size:,} bytes, but DimSize "
                           f"{fields['DimSize']} of {fields['ElementType']} needs {needed:,}: cut short")
 
 
+def _finite_numbers(text: str, count: int) -> bool:
+    try:
+        numbers = [float(v) for v in text.split()]
+    except ValueError:
+        return False
+    return len(numbers) == count and all(math.isfinite(v) for v in numbers)
+
+
 def _mhd_data_bytes(fields: dict[str, str]) -> int | None:
     """Bytes an uncompressed MetaImage data file needs (header bytes included); None when the
-    header does not say plainly (compressed data, an unknown element type, HeaderSize -1)."""
+    header does not say plainly (compressed data, HeaderSize -1)."""
     if fields.get("CompressedData", "False").lower() == "true":
         return None
-    try:
-        dims = [int(v) for v in fields["DimSize"].split()]
-        element = _MHD_ELEMENT_BYTES[fields["ElementType"]]
-        channels = int(fields.get("ElementNumberOfChannels", "1"))
-        header_size = int(fields.get("HeaderSize", "0"))
-    except (KeyError, ValueError):
+    header_size = int(fields.get("HeaderSize", "0"))
+    if header_size < 0:
         return None
-    if header_size < 0 or any(d < 0 for d in dims):
-        return None
-    return header_size + math.prod(dims) * element * channels
+    dims = [int(float(v)) for v in fields["DimSize"].split()]
+    return header_size + math.prod(dims) * _MHD_ELEMENT_BYTES[fields["ElementType"]]
 
 
 def _group_by_series(slices: list[_Slice]) -> dict[str, list[_Slice]]:
@@ -615,6 +760,8 @@ def _floats(ds, keyword: str, count: int) -> tuple[float, ...] | None:
     numbers = tuple(float(v) for v in ([value] if isinstance(value, int | float | str) else value))
     if len(numbers) != count:
         raise _Problem(f"{keyword} has {len(numbers)} values, expected {count}")
+    if not all(math.isfinite(v) for v in numbers):
+        raise _Problem(f"{keyword} {numbers} is not finite")
     return numbers
 
 

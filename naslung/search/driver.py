@@ -156,6 +156,17 @@ def _replay(pop: PartialOrderPruning, entries: list[dict[str, Any]], slots: int,
     return slots
 
 
+def replay_journal(records: list[dict[str, Any]], cfg: SearchConfig, space: SearchSpace,
+                   cost: np.ndarray) -> tuple[PartialOrderPruning, int | None]:
+    """POP in the state a journal's records (`Journal.read`) leave it in, every candidate
+    checked against this search; and the slots in use at the journal's end (None when empty)."""
+    pop = PartialOrderPruning(space, cost, cfg.seed, cfg.patience, cfg.max_candidates)
+    if not records:
+        return pop, None
+    entries = [r for r in records if r["type"] in ("candidate", "slots")]
+    return pop, _replay(pop, entries, records[0].get("slots", 1), cfg.head)
+
+
 def _search_cost(space: SearchSpace, cfg: SearchConfig, run_dir: Path, device: torch.device,
                  progress: bool) -> np.ndarray:
     """Every arch's cost for ``cfg.objective``. A latency search keeps the table it ranks by in
@@ -197,10 +208,9 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
 
     space = SearchSpace(cfg.widths, cfg.min_depth, cfg.max_depth)
     cost = _search_cost(space, cfg, run_dir, device, show_progress)
-    pop = PartialOrderPruning(space, cost, cfg.seed, cfg.patience, cfg.max_candidates)
-    entries = [r for r in records if r.get("type") in ("candidate", "slots")]
-    journal_slots = _replay(pop, entries, records[0].get("slots", 1), cfg.head) if records else None
-    scores = {r["index"]: r["score"] for r in entries if r.get("status") == "ok"}
+    pop, journal_slots = replay_journal(records, cfg, space, cost)
+    entries = [r for r in records if r.get("type") == "candidate"]
+    scores = {r["index"]: r["score"] for r in entries if r["status"] == "ok"}
     if entries:
         console.print(f"resuming: {len(pop.trained) + len(pop.failed)} candidate(s) from {journal.path}, "
                       "not retrained")

@@ -87,7 +87,7 @@ def check_record(record: Any, first: bool, where: str) -> None:
     if not isinstance(record, dict):
         raise JournalError(f"{where}: a journal line must be a JSON object, got {type(record).__name__}")
     kind = record.get("type")
-    if kind not in SCHEMA:
+    if not isinstance(kind, str) or kind not in SCHEMA:
         raise JournalError(f"{where}: unknown line type {kind!r} (expected one of {', '.join(SCHEMA)})")
     if first != (kind == "header"):
         raise JournalError(f"{where}: {'the first line must be the header' if first else 'a second header'}")
