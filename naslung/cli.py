@@ -34,7 +34,7 @@ from naslung.locking import LockedError, lock_run_dir
 from naslung.models import CBAM_VARIANTS
 from naslung.models.fused import KERNEL_CHOICES, resolve_kernels
 from naslung.paths import cache_root, default_phantom_dir
-from naslung.processes import WorkerError, report_interrupt
+from naslung.processes import WorkerError
 from naslung.search.executors import EXECUTORS
 from naslung.train.checkpoint import META_FILE, CheckpointError
 from naslung.train.crossval import RunError, cross_validate
@@ -870,9 +870,9 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"naslung: error: {where}{err.strerror or err}", file=sys.stderr)
         return USAGE_ERROR
-    except KeyboardInterrupt as err:
-        return report_interrupt(err)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from naslung.entry import main as entry_main  # interrupts are handled there
+
+    sys.exit(entry_main())

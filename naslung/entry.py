@@ -1,23 +1,26 @@
 """The console scripts `naslung`, `naslung-search` and `naslung-export`.
 
-They install the SIGTERM handler and catch Ctrl-C before the command line's modules (torch
-among them) are imported, so an interrupt at any moment, import included, ends with one line
-and status 130 (143 for SIGTERM), never a traceback.
+They install the interrupt handlers and catch Ctrl-C before the command line's modules (torch
+among them) are imported, and ignore interrupts once the command is over, so an interrupt at any
+moment, import and shutdown included, ends with one line and status 130 (143 for SIGTERM), or
+with the command's own status if it had already finished; never a traceback.
 """
 
 from __future__ import annotations
 
-from naslung.processes import raise_on_sigterm, report_interrupt
+from naslung.processes import ignore_interrupts, install_interrupt_handlers, report_interrupt
 
 
 def _launch(name: str) -> int:
     try:
-        raise_on_sigterm()
+        install_interrupt_handlers()
         from naslung import cli
 
-        return getattr(cli, name)()
+        status = getattr(cli, name)()
     except KeyboardInterrupt as err:
         return report_interrupt(err)
+    ignore_interrupts()
+    return status
 
 
 def main() -> int:

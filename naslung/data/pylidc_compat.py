@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import logging
 import sys
 import types
 import warnings
@@ -41,6 +42,10 @@ def import_pylidc() -> types.ModuleType:
     """Return the ``pylidc`` module, importing it with the compatibility fixes applied."""
     if "pylidc" in sys.modules:
         return sys.modules["pylidc"]
+    # SQLAlchemy logs a traceback of its own ("Error closing cursor") when an interrupt lands
+    # mid-query; the interrupt itself reaches the caller, so that log stays quiet.
+    logging.getLogger("sqlalchemy").addHandler(logging.NullHandler())
+    logging.getLogger("sqlalchemy").propagate = False
     for name, value in (("int", int), ("float", float)):
         if name not in np.__dict__:
             setattr(np, name, value)
