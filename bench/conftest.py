@@ -1,18 +1,57 @@
-"""Options and report header for the CPU benchmark suite.
+"""Options, report header and shared guards of the benchmark suites.
 
 The compile provider costs minutes of compiling per model on a CPU, so it is opt-in:
-``--bench-compile`` or ``NASLUNG_BENCH_COMPILE=1``.
+``--bench-compile`` or ``NASLUNG_BENCH_COMPILE=1``. With ``NASLUNG_BENCH_PROGRESS=FILE`` every
+benchmark is appended to FILE as one JSON line the moment it ends (pytest-benchmark writes its
+JSON only at the end of the session, so a killed run would otherwise keep nothing);
+``bench/report.py`` reads such a file as well.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from naslung.versions import cpu_model
 
 COMPILE_ENV = "NASLUNG_BENCH_COMPILE"
+PROGRESS_ENV = "NASLUNG_BENCH_PROGRESS"
+_INTERRUPTS: list[int] = []
+
+
+@contextmanager
+def interrupt_after_rounds() -> Iterator[None]:
+    """Hold off SIGINT (what ``timeout -s INT`` sends) until the timed rounds are stored.
+
+    An interrupt inside ``benchmark.pedantic`` leaves pytest-benchmark an entry without data, on
+    which it fails to write any JSON at all; so the rounds (short by design) finish first and
+    the interrupt is raised right after, and pytest saves everything measured so far.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: _INTERRUPTS.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if _INTERRUPTS:
+        raise KeyboardInterrupt
+
+
+@pytest.fixture(autouse=True)
+def _record_progress(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Append the test's benchmark, once stored, to ``$NASLUNG_BENCH_PROGRESS``."""
+    yield
+    path = os.environ.get(PROGRESS_ENV)
+    benchmark = request.node.funcargs.get("benchmark")
+    stats = getattr(benchmark, "stats", None)
+    if path and stats is not None:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(stats.as_dict(include_data=False), default=str) + "\n")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

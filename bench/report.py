@@ -9,6 +9,7 @@ status and its reason in a note column instead of a time. Where benchmarks recor
 in ``extra_info`` is printed under the table.
 
     python bench/report.py /tmp/bench_cpu.json
+    python bench/report.py results/bench_gpu.progress.jsonl   # what a killed run measured
 """
 
 from __future__ import annotations
@@ -109,9 +110,14 @@ def machine_line(data: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file", type=Path, help="file written by --benchmark-json")
+    parser.add_argument("json_file", type=Path, help="file written by --benchmark-json, or the JSON "
+                        "lines of $NASLUNG_BENCH_PROGRESS (.jsonl)")
     args = parser.parse_args(argv)
-    data = json.loads(args.json_file.read_text(encoding="utf-8"))
+    text = args.json_file.read_text(encoding="utf-8")
+    if args.json_file.suffix == ".jsonl":
+        data = {"benchmarks": [json.loads(line) for line in text.splitlines() if line.strip()]}
+    else:
+        data = json.loads(text)
     if not data.get("benchmarks"):
         parser.error(f"{args.json_file} holds no benchmarks; was the suite skipped?")
     print(machine_line(data))

@@ -29,7 +29,7 @@ times a wrong answer. The first call (ONNX Runtime's session warm-up, cuDNN plan
 Triton compiling) is made before the warm-up rounds and recorded as ``first_call_s``.
 
 Each entry records ``cpu_wait_fraction``: how long this process's threads waited for a CPU per
-second of timing (see `naslung.search.latency.CpuWait`, which also warns above 10 %). On the
+second of timing (see `naslung.search.timing.CpuWait`, which also warns above 10 %). On the
 2-core machine one busy process elsewhere stalls torch's two threads at every barrier: eager's
 batch-1 median went from 40 ms to 1.1 s (rounds from 42 ms to 1.9 s) while ONNX Runtime's stayed
 at 14 ms, so read the ratio only beside a small wait fraction.
@@ -59,6 +59,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from conftest import interrupt_after_rounds
 
 from naslung.arch import Arch
 from naslung.data.augment import AIR_HU, Normalisation
@@ -68,7 +69,7 @@ from naslung.export.metadata import OUTPUT_NAMES, MemberInfo, ModelMetadata
 from naslung.export.onnx_export import export_onnx
 from naslung.export.runners import OnnxRunner, Outputs, ensemble_outputs
 from naslung.models import ConvRes
-from naslung.search.latency import CpuWait
+from naslung.search.timing import CpuWait
 from naslung.testing import randomise_batchnorm
 
 CROP = 32
@@ -358,7 +359,8 @@ def _platform(device: str) -> dict:
 def _record(benchmark, status: str, reason: str) -> None:
     """An entry with no timing, so the report lists the case and says why."""
     benchmark.extra_info.update(status=status, reason=reason[:300], measured=False)
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    with interrupt_after_rounds():
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
 def _first_line(err: BaseException) -> str:
@@ -403,7 +405,7 @@ def test_deploy(benchmark, setup: Setup, provider: Provider, batch: int) -> None
     outputs = timed(crops)
     benchmark.extra_info["first_call_s"] = round(time.perf_counter() - start, 3)
     warmup, rounds = ROUNDS[provider.device, batch]
-    with CpuWait(f"{provider.name} at batch {batch}") as wait:
+    with CpuWait(f"{provider.name} at batch {batch}") as wait, interrupt_after_rounds():
         outputs = benchmark.pedantic(timed, args=(crops,), warmup_rounds=warmup, rounds=rounds, iterations=1)
     assert outputs.probability.shape == (batch,)
 

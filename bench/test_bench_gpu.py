@@ -22,8 +22,9 @@ happen before and are recorded as ``first_call_s``. "fp32" convolutions use what
 A failing provider (out of memory, a kernel error) is recorded, not fatal: its entry carries
 ``status`` and ``reason`` in extra_info, and a kernel error also fails its test. The suite keeps
 to a time budget (``NASLUNG_BENCH_GPU_BUDGET_S``, default 200 s, counted from import): cases it
-cannot start in time are listed as not measured. Run order puts the torch providers first, then
-the Triton ones, then torch.compile (the slowest to start). Without CUDA the suite is skipped.
+cannot start in time are listed as not measured. Run order puts what the kernels exist for first:
+the Triton providers (with CUDA graphs), then torch.compile, then the eager torch ones, so a
+short window measures the Triton numbers before anything else. Without CUDA the suite is skipped.
 
     python -m pytest bench/test_bench_gpu.py --benchmark-json=/tmp/bench_gpu.json -q
     python bench/report.py /tmp/bench_gpu.json
@@ -34,14 +35,13 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
 import torch
+from conftest import interrupt_after_rounds
 
 from naslung.arch import PAPER_28M
 from naslung.models import ConvBNReLU, ConvRes, make_cbam, make_loss
@@ -127,12 +127,12 @@ class Case(NamedTuple):
 
 
 def _cases() -> list[Case]:
-    """All cases in run order: torch providers, then Triton, then torch.compile."""
+    """All cases in run order: Triton, then torch.compile, then the eager torch providers."""
     cases = []
     for providers, train_providers, infer_providers in (
-        (TORCH_LAYER_PROVIDERS, TORCH_TRAIN_PROVIDERS, TORCH_INFER_PROVIDERS),
         (("triton",), ("triton", "triton_graphs"), ("triton",)),
         ((), ("compile",), ("compile",)),
+        (TORCH_LAYER_PROVIDERS, TORCH_TRAIN_PROVIDERS, TORCH_INFER_PROVIDERS),
     ):
         cases += [Case("layer", p, slug, LAYER_BATCH) for slug in LAYERS for p in providers]
         for arch in ARCHS:  # per arch, so a spent budget leaves whole archs out
@@ -143,25 +143,6 @@ def _cases() -> list[Case]:
 
 CASES = _cases()
 CONTEXT_LOST: list[str] = []  # set once a kernel error leaves the CUDA context unusable
-INTERRUPTS: list[int] = []  # SIGINTs that arrived while a benchmark was storing its rounds
-
-
-@contextmanager
-def _rounds_in_progress() -> Iterator[None]:
-    """Hold off SIGINT (what ``timeout -s INT`` sends) until the timed rounds are stored.
-
-    An interrupt inside ``benchmark.pedantic`` leaves pytest-benchmark an entry without data,
-    on which it fails to write any JSON at all; so the rounds (short by design) finish first
-    and the interrupt is raised right after, and pytest saves everything measured so far.
-    """
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda signum, frame: INTERRUPTS.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if INTERRUPTS:
-        raise KeyboardInterrupt
 
 
 def _sync() -> None:
@@ -325,7 +306,7 @@ def _why_not_measured(case: Case) -> str | None:
 def _record(benchmark, status: str, reason: str) -> None:
     """Store an entry with no timing (status and reason say why) so the report lists the case."""
     benchmark.extra_info.update(status=status, reason=reason[:300], measured=False)
-    with _rounds_in_progress():
+    with interrupt_after_rounds():
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
@@ -419,7 +400,7 @@ def test_gpu(benchmark, case: Case) -> None:
             _sync()
 
     try:
-        with _rounds_in_progress():
+        with interrupt_after_rounds():
             benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=0)
     finally:
         step = timed = None

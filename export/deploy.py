@@ -13,7 +13,6 @@ tried, so a machine without TensorRT still gets the ONNX and a one-line reason.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,9 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from naslung.argtypes import positive_int
-from naslung.console import console
 from naslung.export.ensemble import DeployedEnsemble, ExportError, load_ensemble
 from naslung.export.metadata import OUTPUT_NAMES
-from naslung.export.onnx_export import MIN_OPSET, OPSET, export_onnx
+from naslung.export.onnx_export import OPSET, export_onnx
 from naslung.export.runners import OnnxRunner, ensemble_outputs
 from naslung.export.tensorrt import sidecar_path
 from naslung.fileio import check_output_dir, refuse_non_regular, temp_path, write_json
@@ -132,37 +129,3 @@ def _report_json(report: ExportReport, run: str | Path, ensemble: DeployedEnsemb
             "parity_max_abs_difference": report.parity,
             "versions": {**ensemble.metadata.versions, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__}}
-
-
-# --- command line ---------------------------------------------------------------------------
-
-DESCRIPTION = (
-    "Export a trained ensemble (a `naslung ensemble` directory, a search run holding one, a "
-    "cross-validation run or one checkpoint) as ONE ONNX graph: HU crops in; mean malignancy "
-    "probability, member probabilities, majority vote, CBAM attention and Grad-CAM out; "
-    "BatchNorm folded, dynamic batch, crop/HU window/normalisation/archs/label rule/versions in "
-    "its metadata. Of each member's fold models the one with the best validation score is "
-    "used. The ONNX Runtime output is checked against PyTorch before anything is kept. With "
-    "--trt also a TensorRT engine (needs an NVIDIA GPU and `pip install 'naslung[trt]'`).")
-
-
-def add_export_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", type=Path,
-                   help="ensemble dir, search run with ensemble/, cross-validation run or checkpoint "
-                   "(default: the newest runs/*/ with an ensemble/)")
-    p.add_argument("--out", type=Path, help="export directory (default RUN/export)")
-    p.add_argument("--opset", type=int, default=OPSET,
-                   help=f"ONNX opset, {MIN_OPSET} up to what torch's exporter supports (default {OPSET})")
-    p.add_argument("--trt", action="store_true", help="also build a TensorRT engine")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="TensorRT engine precision (fp16 builds from an fp16 ONNX)")
-    p.add_argument("--max-batch", type=positive_int, default=64,
-                   help="largest batch of the engine (default 64)")
-
-
-def print_report(report: ExportReport) -> None:
-    console.print(f"exported {len(report.members)} member(s) ({', '.join(report.members)}) to "
-                  f"{report.onnx}; ONNX Runtime vs PyTorch: max |difference| in probability "
-                  f"{report.parity['probability']:.1e}")
-    if report.engine:
-        console.print(f"TensorRT engine {report.engine} (sidecar {report.engine}.json)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 
 from naslung.export.metadata import INPUT_NAME, OUTPUT_NAMES, ModelError, ModelMetadata, read_onnx_metadata
 from naslung.export.runners import Outputs, model_input
-from naslung.fileio import write_atomically, write_json
+from naslung.fileio import write_bytes, write_json
 
 SIDECAR_FORMAT = 1
 SIDECAR_FIELDS = ("format", "tensorrt_version", "gpu_name", "compute_capability", "precision", "profile",
@@ -38,11 +39,13 @@ class TensorRTUnavailable(RuntimeError):
     """TensorRT or a CUDA GPU is missing here; str(err) is the one line that says which."""
 
 
-def _import_tensorrt() -> Any:
-    """The tensorrt module, or `TensorRTUnavailable`. PyPI's bindings without NVIDIA's
-    libraries import partway and fail on a missing libnvinfer, as ImportError or OSError."""
+def _require_tensorrt() -> None:
+    """`TensorRTUnavailable` unless tensorrt imports and a GPU is visible. PyPI's bindings
+    without NVIDIA's libraries import partway and fail on a missing libnvinfer, as ImportError
+    or OSError. (Callers then ``import tensorrt as trt`` themselves, which lets mypy check every
+    TensorRT name they use against the type stubs.)"""
     try:
-        import tensorrt
+        import tensorrt  # noqa: F401
     except (ImportError, OSError) as err:
         if isinstance(err, ModuleNotFoundError) and err.name == "tensorrt":
             raise TensorRTUnavailable(f"TensorRT is not installed: {INSTALL_HINT}") from err
@@ -52,13 +55,12 @@ def _import_tensorrt() -> Any:
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False): "
                                   "TensorRT builds and runs engines only on an NVIDIA GPU")
-    return tensorrt
 
 
 def tensorrt_available() -> str | None:
     """None when engines can be built and run here, else one line saying what is missing."""
     try:
-        _import_tensorrt()
+        _require_tensorrt()
     except TensorRTUnavailable as err:
         return str(err)
     return None
@@ -73,7 +75,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sm(compute_capability: tuple[int, int] | list[int]) -> str:
+def _sm(compute_capability: Sequence[int]) -> str:
     major, minor = compute_capability
     return f"sm_{major}{minor}"
 
@@ -89,7 +91,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: i
     complete engine. Tactic timings are kept in ``timing_cache`` (default
     ``<engine>.timing.cache``) to make rebuilds on the same GPU and TensorRT quick.
     """
-    trt = _import_tensorrt()
+    _require_tensorrt()
+    import tensorrt as trt
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -104,7 +107,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: i
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(network_flags())
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(" ".join(parser.get_error(i).desc().split()) for i in range(parser.num_errors))
@@ -117,7 +120,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: i
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    config.clear_flag(trt.BuilderFlag.TF32)
+    clear_tf32(config)
     profile = builder.create_optimization_profile()
     crop_shape = (1, metadata.crop, metadata.crop, metadata.crop)
     profile.set_shape(INPUT_NAME, (1, *crop_shape), (opt_batch, *crop_shape), (max_batch, *crop_shape))
@@ -132,9 +135,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: i
     engine_bytes = bytes(memoryview(serialized))
     # an interrupted rebuild must not leave the old sidecar vouching for a new engine
     sidecar_path(engine_path).unlink(missing_ok=True)
-    write_atomically(engine_path, lambda tmp: tmp.write_bytes(engine_bytes))
-    cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
-    write_atomically(cache_path, lambda tmp: tmp.write_bytes(cache_bytes))
+    write_bytes(engine_path, engine_bytes)
+    write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     device = torch.cuda.current_device()
     write_json(sidecar_path(engine_path), {
         "format": SIDECAR_FORMAT,
@@ -151,6 +153,32 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: i
         "metadata": json.loads(metadata.to_json()),
     })
     return engine_path
+
+
+def major_version() -> int:
+    import tensorrt as trt
+
+    return int(trt.__version__.split(".")[0])
+
+
+def network_flags() -> int:
+    """TensorRT 10 builds a weakly typed network unless asked for a strongly typed one; from 11
+    on every network is strongly typed and there is nothing to ask for."""
+    import tensorrt as trt
+
+    if major_version() >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def clear_tf32(config: Any) -> None:
+    """TF32 off, so that an fp32 engine computes as fp32 ONNX Runtime does. TensorRT 11 dropped
+    the FP16, INT8 and BF16 builder flags; where it has no TF32 flag either, there is none to clear."""
+    import tensorrt as trt
+
+    if major_version() >= 11 and not hasattr(trt.BuilderFlag, "TF32"):
+        return
+    config.clear_flag(trt.BuilderFlag.TF32)
 
 
 def _attach_timing_cache(config: Any, path: Path) -> None:
@@ -211,7 +239,8 @@ class TensorRTRunner:
     kind = "tensorrt"
 
     def __init__(self, engine_path: str | Path, device: int = 0) -> None:
-        trt = _import_tensorrt()
+        _require_tensorrt()
+        import tensorrt as trt
         self.engine_path = Path(engine_path)
         self.device = torch.device("cuda", device)
         self.backend = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(self.device)}"

@@ -13,19 +13,22 @@ conv's epilogue: one launch.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .compile_proof import KernelSpec
+from .compile_proof import KernelSpec, make_spec
 from .conv3d import (
-    INTERPRET,
     channels_last,
+    check_residual,
     conv3d_backward,
     conv3d_forward,
     conv3d_relu,
     stats_tiles,
 )
+from .runtime import autotune_configs, on_tensor_device
 
 
 def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
@@ -59,19 +62,21 @@ INTERPRET_CONFIGS = {
 
 
 def _configs(kind: str, configs: list[triton.Config]) -> list[triton.Config]:
-    return [INTERPRET_CONFIGS[kind]] if INTERPRET else configs
+    return autotune_configs(configs, INTERPRET_CONFIGS[kind])
 
 
 @triton.jit
 def _bn_finalize_kernel(
     psum_ptr, pm2_ptr, pcount_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,
-    mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
+    mean_ptr, rstd_ptr, scale_ptr, shift_ptr, batches_ptr,
     num_tiles, C, count, momentum, eps,
-    UPDATE_RUNNING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merge the conv's per-tile (sum, squared deviations, count) into the batch mean and
     biased variance (Chan et al.: stable where sum-of-squares minus square-of-sum is not), then
-    scale = gamma / std, shift = beta - mean * scale; running stats as torch updates them."""
+    scale = gamma / std, shift = beta - mean * scale; running stats as torch updates them. With
+    CUMULATIVE (BatchNorm's momentum=None) the momentum is 1 / num_batches_tracked, read on the
+    device so that the step needs no host sync and can be captured in a CUDA graph."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     total = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -101,6 +106,8 @@ def _bn_finalize_kernel(
     tl.store(scale_ptr + offs_c, scale, mask=c_ok)
     tl.store(shift_ptr + offs_c, beta - mean * scale, mask=c_ok)
     if UPDATE_RUNNING:
+        if CUMULATIVE:
+            momentum = 1.0 / tl.load(batches_ptr).to(tl.float32)
         rm = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         rv = tl.load(rvar_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         rm = momentum * mean + (1.0 - momentum) * rm
@@ -184,27 +191,34 @@ def _bn_relu_bwd_kernel(
 # Host functions
 
 
+@on_tensor_device
 def bn_statistics(psum, pm2, pcount, count: int, gamma, beta, running_mean, running_var,
-                  momentum: float, eps: float) -> tuple[torch.Tensor, ...]:
-    """(mean, rstd, scale, shift) fp32 per channel; updates running_mean/var in place."""
+                  momentum: float | None, eps: float,
+                  num_batches_tracked: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(mean, rstd, scale, shift) fp32 per channel; updates running_mean/var in place, with
+    ``momentum``, or as a cumulative average over ``num_batches_tracked`` when it is None."""
     c = psum.shape[1]
     out = torch.empty((4, c), device=psum.device, dtype=torch.float32)
     update = running_mean is not None and running_var is not None
+    cumulative = update and momentum is None
+    if cumulative and num_batches_tracked is None:
+        raise ValueError("a cumulative running average (momentum None) needs num_batches_tracked")
     cfg = FINALIZE_CONFIG
     _bn_finalize_kernel[(triton.cdiv(c, cfg.kwargs["BLOCK_C"]),)](
         psum, pm2, pcount, gamma, beta, running_mean if update else out, running_var if update else out,
-        out[0], out[1], out[2], out[3], psum.shape[0], c, float(count), float(momentum), float(eps),
-        UPDATE_RUNNING=update, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out[0], out[1], out[2], out[3], num_batches_tracked if cumulative else out, psum.shape[0], c,
+        float(count), 0.0 if momentum is None else float(momentum), float(eps), UPDATE_RUNNING=update,
+        CUMULATIVE=cumulative, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out[0], out[1], out[2], out[3]
 
 
+@on_tensor_device
 def bn_relu_forward(z, scale, shift, residual=None) -> torch.Tensor:
     """relu(z * scale + shift) (+ residual), channels_last_3d."""
     y = torch.empty_like(z, memory_format=torch.channels_last_3d)
     if residual is not None:
         residual = channels_last(residual)
-        if residual.shape != z.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} does not match the output {tuple(z.shape)}")
+        check_residual(residual, z)
     numel = z.numel()
     _bn_relu_fwd_kernel[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
         z, scale, shift, residual if residual is not None else z, y, numel, z.shape[1],
@@ -212,6 +226,7 @@ def bn_relu_forward(z, scale, shift, residual=None) -> torch.Tensor:
     return y
 
 
+@on_tensor_device
 def bn_relu_backward(dy, z, mean, rstd, scale, shift) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dz, dgamma, dbeta): the conv output's gradient (dtype of z) and the BN affine's (fp32)."""
     c = z.shape[1]
@@ -234,7 +249,7 @@ class ConvBNReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, residual, running_mean, running_var, momentum, eps,
-                stride, padding):
+                stride, padding, num_batches_tracked):
         x = channels_last(x)
         n, _, d, h, w = x.shape
         ksize = weight.shape[2]
@@ -249,7 +264,7 @@ class ConvBNReLUFunction(torch.autograd.Function):
         pcount = torch.zeros((tiles,), device=x.device, dtype=torch.float32)
         z = conv3d_forward(x, weight, bias, stride, padding, stats=(psum, pm2, pcount))
         mean, rstd, scale, shift = bn_statistics(psum, pm2, pcount, m, gamma, beta, running_mean, running_var,
-                                                 momentum, eps)
+                                                 momentum, eps, num_batches_tracked)
         y = bn_relu_forward(z, scale, shift, residual)
         ctx.save_for_backward(x, weight, z, mean, rstd, scale, shift)
         ctx.conf = (stride, padding, bias is not None, residual is not None)
@@ -264,7 +279,8 @@ class ConvBNReLUFunction(torch.autograd.Function):
         dz, dgamma, dbeta = bn_relu_backward(dy, z, mean, rstd, scale, shift)
         dx, dw, db = conv3d_backward(ctx, x, weight, dz, stride, padding, has_bias)
         dgamma, dbeta = dgamma.to(ctx.gamma_dtype), dbeta.to(ctx.gamma_dtype)
-        return dx, dw, db, dgamma, dbeta, dy if has_residual else None, None, None, None, None, None, None
+        return (dx, dw, db, dgamma, dbeta, dy if has_residual else None,
+                None, None, None, None, None, None, None)
 
 
 def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
@@ -280,19 +296,21 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
 
 def conv_bn_relu(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
                  bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor | None,
-                 running_var: torch.Tensor | None, *, training: bool, momentum: float, eps: float,
-                 stride: int, padding: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+                 running_var: torch.Tensor | None, *, training: bool, momentum: float | None, eps: float,
+                 stride: int, padding: int, residual: torch.Tensor | None = None,
+                 num_batches_tracked: torch.Tensor | None = None) -> torch.Tensor:
     """relu(batch_norm(conv3d(x))) (+ residual): `naslung.models.blocks.ConvBNReLU`'s forward
     with ``bn.training = training`` (a residual is added after the ReLU, as `ResidualBlock` sums).
 
     Training mode normalises with the batch statistics and updates ``running_mean`` /
-    ``running_var`` in place (momentum; the unbiased variance, as torch); counting batches is
-    the caller's business. Eval mode folds the running statistics into the conv. The result is
+    ``running_var`` in place (momentum, or with momentum None the cumulative average over
+    ``num_batches_tracked``; the unbiased variance, as torch); counting batches is the caller's
+    business. Eval mode folds the running statistics into the conv. The result is
     in channels_last_3d memory; gradients reach x, both weights, both biases and the residual.
     """
     if training:
         return ConvBNReLUFunction.apply(x, conv_weight, conv_bias, bn_weight, bn_bias, residual, running_mean,
-                                        running_var, momentum, eps, stride, padding)
+                                        running_var, momentum, eps, stride, padding, num_batches_tracked)
     if running_mean is None or running_var is None:
         raise ValueError("eval-mode BatchNorm needs running_mean and running_var")
     weight, bias = fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
@@ -303,38 +321,40 @@ def conv_bn_relu(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Te
 # Compile specs
 
 _DTYPES = ("fp32", "bf16")
-
-
-def _spec(name, kernel, types, config) -> KernelSpec:
-    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an Autotuner wraps the JITFunction
-    constexprs = {k: v for k, v in types.items() if not isinstance(v, str)} | config.kwargs
-    signature = {arg: ("constexpr" if arg in constexprs else types[arg]) for arg in fn.arg_names}
-    return KernelSpec(name, fn, signature, constexprs, config.num_warps, config.num_stages)
+FINALIZE_MODES = ({"UPDATE_RUNNING": True, "CUMULATIVE": False}, {"UPDATE_RUNNING": True, "CUMULATIVE": True},
+                  {"UPDATE_RUNNING": False, "CUMULATIVE": False})
+"""Running statistics updated with a momentum, as a cumulative average (momentum None), or not
+at all (track_running_stats=False)."""
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Every kernel x autotune config x dtype (fp32 and bf16 activations; statistics are fp32;
-    running stats and BN parameters fp32 as in a bf16-autocast model)."""
+    """Every kernel x autotune config x activation dtype (statistics are fp32); the finalize in
+    each running-statistics mode with fp32 or bf16 BatchNorm parameters, over several tiles of
+    statistics or one (num_tiles == 1, a constant to Triton: small maps)."""
     f32 = "*fp32"
-    specs = [_spec("bn_finalize", _bn_finalize_kernel,
-                   {"psum_ptr": f32, "pm2_ptr": f32, "pcount_ptr": f32, "gamma_ptr": f32, "beta_ptr": f32,
-                    "rmean_ptr": f32, "rvar_ptr": f32, "mean_ptr": f32, "rstd_ptr": f32, "scale_ptr": f32,
-                    "shift_ptr": f32, "num_tiles": "i32", "C": "i32", "count": "fp32", "momentum": "fp32",
-                    "eps": "fp32", "UPDATE_RUNNING": True}, FINALIZE_CONFIG)]
+    specs = []
+    for mode, params, one_tile in itertools.product(FINALIZE_MODES, _DTYPES, (False, True)):
+        p = f"*{params}"
+        name = f"bn_finalize_{'update' if mode['UPDATE_RUNNING'] else 'batch'}" \
+               f"{'_cumulative' if mode['CUMULATIVE'] else ''}_{params}{'_one_tile' if one_tile else ''}"
+        specs.append(make_spec(name, _bn_finalize_kernel, {
+            "psum_ptr": f32, "pm2_ptr": f32, "pcount_ptr": f32, "gamma_ptr": p, "beta_ptr": p, "rmean_ptr": p,
+            "rvar_ptr": p, "mean_ptr": f32, "rstd_ptr": f32, "scale_ptr": f32, "shift_ptr": f32,
+            "batches_ptr": "*i64" if mode["CUMULATIVE"] else f32, "count": "fp32", "momentum": "fp32",
+            "eps": "fp32"}, mode, FINALIZE_CONFIG, ("num_tiles",) if one_tile else ()))
     for dname in _DTYPES:
         t = f"*{dname}"
+        stats = {"mean_ptr": f32, "rstd_ptr": f32, "scale_ptr": f32, "shift_ptr": f32, "sums_ptr": f32}
         for i, cfg in enumerate(ELEMENTWISE_CONFIGS):
             for has_residual in (False, True):
-                name = f"bn_relu_fwd{'_res' if has_residual else ''}_{dname}_c{i}"
-                specs.append(_spec(name, _bn_relu_fwd_kernel,
-                                   {"z_ptr": t, "scale_ptr": f32, "shift_ptr": f32, "res_ptr": t, "y_ptr": t,
-                                    "numel": "i32", "C": "i32", "HAS_RESIDUAL": has_residual}, cfg))
-            specs.append(_spec(f"bn_relu_bwd_{dname}_c{i}", _bn_relu_bwd_kernel,
-                               {"dy_ptr": t, "z_ptr": t, "mean_ptr": f32, "rstd_ptr": f32, "scale_ptr": f32,
-                                "shift_ptr": f32, "sums_ptr": f32, "dz_ptr": t, "numel": "i32", "C": "i32",
-                                "inv_count": "fp32"}, cfg))
+                specs.append(make_spec(f"bn_relu_fwd{'_res' if has_residual else ''}_{dname}_c{i}",
+                                       _bn_relu_fwd_kernel, {"z_ptr": t, "scale_ptr": f32, "shift_ptr": f32,
+                                                             "res_ptr": t, "y_ptr": t},
+                                       {"HAS_RESIDUAL": has_residual}, cfg))
+            specs.append(make_spec(f"bn_relu_bwd_{dname}_c{i}", _bn_relu_bwd_kernel,
+                                   {"dy_ptr": t, "z_ptr": t, **stats, "dz_ptr": t, "inv_count": "fp32"},
+                                   {}, cfg))
         for i, cfg in enumerate(REDUCE_CONFIGS):
-            specs.append(_spec(f"bn_relu_bwd_reduce_{dname}_c{i}", _bn_relu_bwd_reduce_kernel,
-                               {"dy_ptr": t, "z_ptr": t, "mean_ptr": f32, "rstd_ptr": f32, "scale_ptr": f32,
-                                "shift_ptr": f32, "sums_ptr": f32, "P": "i32", "C": "i32"}, cfg))
+            specs.append(make_spec(f"bn_relu_bwd_reduce_{dname}_c{i}", _bn_relu_bwd_reduce_kernel,
+                                   {"dy_ptr": t, "z_ptr": t, **stats}, {}, cfg))
     return specs

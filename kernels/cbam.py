@@ -32,16 +32,18 @@ uses one large tile (the interpreter's cost grows with program instances and loo
 
 from __future__ import annotations
 
-import os
+import itertools
 
 import torch
 import triton
 import triton.language as tl
-from naslung.kernels.compile_proof import KernelSpec
+
+from .compile_proof import KernelSpec, make_spec
+from .runtime import autotune_mode, interpreting, on_tensor_device
 
 VARIANTS = ("nas-lung", "woo")
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()
 _BLOCK_CS = (4, 16, 64)
 """Channel tile widths; the one used is the smallest that holds C (64 beyond that)."""
 
@@ -82,6 +84,9 @@ def _prune(configs, named_args, **kwargs):
 def _autotune(configs: list[triton.Config], key: tuple[str, ...] = ("S", "C", "RESIDUAL")):
     if _INTERPRET:
         return triton.autotune([INTERPRETER_CONFIG], key=list(key))
+    if autotune_mode() == "first":  # the first config of each channel width (pruning keeps one width)
+        configs = [next(c for c in configs if c.kwargs["BLOCK_C"] == width)
+                   for width in dict.fromkeys(c.kwargs["BLOCK_C"] for c in configs)]
     return triton.autotune(configs, key=list(key), prune_configs_by={"early_config_prune": _prune})
 
 
@@ -386,6 +391,7 @@ class CBAMFunction(torch.autograd.Function):
     """Both CBAM variants; gradients for x, fc1.weight, fc2.weight and spatial_conv.weight."""
 
     @staticmethod
+    @on_tensor_device
     def forward(ctx, x, fc1_weight, fc2_weight, spatial_weight, residual: bool):
         n, c, d, h, w_ = x.shape
         s = d * h * w_
@@ -420,6 +426,7 @@ class CBAMFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @on_tensor_device
     def backward(ctx, dout):
         xl, fc1, fc2, kernel, avg, cmax, cmax_count, weights, pool, gate = ctx.saved_tensors
         residual = ctx.residual
@@ -485,30 +492,30 @@ _COMPILED = (
     ("gate_grad", _gate_grad_kernel, GATE_GRAD_CONFIGS, True),
     ("weight_grad", _weight_grad_kernel, WEIGHT_GRAD_CONFIGS, True),
     ("input_grad", _input_grad_kernel, INPUT_GRAD_CONFIGS, True),
+    ("spatial_grad", _spatial_grad_kernel, SPATIAL_GRAD_CONFIGS, False),
 )
 _MAP_POINTERS = {"x_ptr", "dout_ptr", "dx_ptr", "out_ptr"}
 """Pointers to full-size maps, in the input's dtype; every other pointer is fp32."""
-
-
-def _spec(name: str, fn, dtype: str, config: triton.Config, residual: bool | None) -> KernelSpec:
-    constexprs = dict(config.kwargs)
-    if residual is not None:
-        constexprs["RESIDUAL"] = residual
-        name += "-nas-lung" if residual else "-woo"
-    signature = {arg: "constexpr" if arg in constexprs else
-                 (f"*{dtype}" if arg in _MAP_POINTERS else "*fp32") if arg.endswith("_ptr") else "i32"
-                 for arg in fn.arg_names}
-    tile = "x".join(str(value) for value in config.kwargs.values())
-    return KernelSpec(f"cbam.{name}.{dtype}.{tile}.w{config.num_warps}", fn, signature, constexprs,
-                      num_warps=config.num_warps, num_stages=config.num_stages)
+_ONE_CHUNK = {"channel_pool", "weight_grad"}
+"""Kernels whose per-channel reduction is one chunk of voxels on small maps (n_chunks == 1,
+which Triton makes a constant)."""
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Every kernel x autotune config x input dtype (x variant where the kernel has one)."""
-    specs = [_spec(name, kernel.fn, dtype, config, residual)
-             for name, kernel, configs, has_variant in _COMPILED
-             for dtype in ("fp32", "bf16")
-             for residual in ((True, False) if has_variant else (None,))
-             for config in configs]
-    return specs + [_spec("spatial_grad", _spatial_grad_kernel, "fp32", config, None)
-                    for config in SPATIAL_GRAD_CONFIGS]
+    """Every kernel x autotune config x input dtype (x variant where the kernel has one, x one
+    chunk or several where it reduces over chunks); the spatial gradient works on fp32 maps only."""
+    specs = []
+    for name, kernel, configs, has_variant in _COMPILED:
+        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        dtypes = ("fp32",) if name == "spatial_grad" else ("fp32", "bf16")
+        for dtype, residual, one_chunk, config in itertools.product(
+                dtypes, (True, False) if has_variant else (None,),
+                (False, True) if name in _ONE_CHUNK else (False,), configs):
+            types = {arg: f"*{dtype}" if arg in _MAP_POINTERS else "*fp32" for arg in fn.arg_names
+                     if arg.endswith("_ptr")}
+            flags = {} if residual is None else {"RESIDUAL": residual}
+            tile = "x".join(str(value) for value in config.kwargs.values())
+            label = f"cbam.{name}{'' if residual is None else '-nas-lung' if residual else '-woo'}" \
+                    f"{'-one-chunk' if one_chunk else ''}.{dtype}.{tile}.w{config.num_warps}"
+            specs.append(make_spec(label, kernel, types, flags, config, ("n_chunks",) if one_chunk else ()))
+    return specs

@@ -12,17 +12,18 @@ NDHWC, and the outputs come back in that memory format.
 
 from __future__ import annotations
 
-import os
+import itertools
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from .compile_proof import KernelSpec
+from .compile_proof import KernelSpec, make_spec
+from .runtime import autotune_configs, interpreting, on_tensor_device
 
-INTERPRET = (bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")
-             else os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"))
-"""Under TRITON_INTERPRET=1 every kernel launches one large-tile config (DESIGN.md section 5)."""
+INTERPRET = interpreting()
+"""Under the interpreter every kernel launches one large-tile config (DESIGN.md section 5)."""
 
 GEOMETRIES = ((3, 1), (3, 2), (1, 1))
 """(kernel size, stride) of every convolution ConvRes uses; padding is kernel_size // 2."""
@@ -55,12 +56,16 @@ output positions a step; SPLIT_ROWS positions per program (split-K, fp32 atomics
 INTERPRET_CONFIGS = {
     "fwd": _config(4, 1, BLOCK_M=2048, BLOCK_N=64, BLOCK_K=128),
     "dgrad": _config(4, 1, BLOCK_M=2048, BLOCK_N=64, BLOCK_K=128),
-    "wgrad": _config(4, 1, BLOCK_M=2048, BLOCK_N=64, BLOCK_K=128, SPLIT_ROWS=1 << 30),
+    "wgrad": _config(4, 1, BLOCK_M=2048, BLOCK_N=64, BLOCK_K=128, SPLIT_ROWS=4096),
 }
 
 
+MAX_GRID_Z = 65_535
+"""CUDA's limit on a grid's third dimension: the wgrad's split-K programs loop past it."""
+
+
 def _configs(kind: str, configs: list[triton.Config]) -> list[triton.Config]:
-    return [INTERPRET_CONFIGS[kind]] if INTERPRET else configs
+    return autotune_configs(configs, INTERPRET_CONFIGS[kind])
 
 
 @triton.jit
@@ -213,9 +218,10 @@ def _conv3d_wgrad_kernel(
     ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_ROWS: tl.constexpr,
 ):
-    """dw[k, co] += sum_m x[m, k] dy[m, co] over this program's SPLIT_ROWS output positions
-    (fp32 atomics into dw laid out as [KSIZE^3 * C_in, C_out]); the programs of the first
-    k-block also reduce dy into the bias gradient."""
+    """dw[k, co] += sum_m x[m, k] dy[m, co] over this program's splits of SPLIT_ROWS output
+    positions (splits pid_s, pid_s + grid z, ...: a grid holds at most 65,535 of them), with
+    fp32 atomics into dw laid out as [KSIZE^3 * C_in, C_out]; the programs of the first k-block
+    also reduce dy into the bias gradient."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -231,34 +237,34 @@ def _conv3d_wgrad_kernel(
     kw = tap % KSIZE
     col = ((kd * H + kh) * W + kw) * C_in + ci
 
-    m_start = pid_s * SPLIT_ROWS
-    m_end = tl.minimum(m_start + SPLIT_ROWS, M)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_end
-        ow = offs_m % W_out
-        t = offs_m // W_out
-        oh = t % H_out
-        t = t // H_out
-        od = t % D_out
-        nb = t // D_out
-        d0 = od * STRIDE - pad
-        h0 = oh * STRIDE - pad
-        w0 = ow * STRIDE - pad
-        row = (((nb.to(tl.int64) * D + d0) * H + h0) * W + w0) * C_in
-        di = d0[:, None] + kd[None, :]
-        hi = h0[:, None] + kh[None, :]
-        wi = w0[:, None] + kw[None, :]
-        a_ok = (m_ok[:, None] & k_ok[None, :] & (di >= 0) & (di < D) & (hi >= 0) & (hi < H)
-                & (wi >= 0) & (wi < W))
-        a = tl.load(x_ptr + row[:, None] + col[None, :], mask=a_ok, other=0.0)
-        g = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * C_out + offs_n[None, :],
-                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(tl.trans(a), g, acc, UPCAST, ALLOW_TF32)
-        if HAS_BIAS:
-            db += tl.sum(g.to(tl.float32), axis=0)
+    for split in range(pid_s * SPLIT_ROWS, M, tl.num_programs(2) * SPLIT_ROWS):
+        m_end = tl.minimum(split + SPLIT_ROWS, M)
+        for m0 in range(split, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < m_end
+            ow = offs_m % W_out
+            t = offs_m // W_out
+            oh = t % H_out
+            t = t // H_out
+            od = t % D_out
+            nb = t // D_out
+            d0 = od * STRIDE - pad
+            h0 = oh * STRIDE - pad
+            w0 = ow * STRIDE - pad
+            row = (((nb.to(tl.int64) * D + d0) * H + h0) * W + w0) * C_in
+            di = d0[:, None] + kd[None, :]
+            hi = h0[:, None] + kh[None, :]
+            wi = w0[:, None] + kw[None, :]
+            a_ok = (m_ok[:, None] & k_ok[None, :] & (di >= 0) & (di < D) & (hi >= 0) & (hi < H)
+                    & (wi >= 0) & (wi < W))
+            a = tl.load(x_ptr + row[:, None] + col[None, :], mask=a_ok, other=0.0)
+            g = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * C_out + offs_n[None, :],
+                        mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(tl.trans(a), g, acc, UPCAST, ALLOW_TF32)
+            if HAS_BIAS:
+                db += tl.sum(g.to(tl.float32), axis=0)
 
     tl.atomic_add(dw_ptr + offs_k[:, None] * C_out + offs_n[None, :], acc,
                   mask=k_ok[:, None] & n_ok[None, :])
@@ -281,6 +287,15 @@ def output_shape(x_shape, c_out: int, ksize: int, stride: int, padding: int) -> 
     return (n, c_out) + tuple((s + 2 * padding - ksize) // stride + 1 for s in (d, h, w))
 
 
+def check_residual(residual: torch.Tensor, out: torch.Tensor) -> None:
+    """A residual must be the output's shape and dtype: one of another dtype would turn the
+    output, and so the backward's dy, into that dtype, and feed tl.dot mixed operands."""
+    if residual.shape != out.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} does not match the output {tuple(out.shape)}")
+    if residual.dtype != out.dtype:
+        raise TypeError(f"residual is {residual.dtype}, the output {out.dtype}: cast it first")
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, stride: int) -> int:
     if x.dim() != 5 or weight.dim() != 5:
         raise ValueError(f"conv3d needs a 5-D input and weight, got {tuple(x.shape)} and "
@@ -298,9 +313,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, stride: int) -> int:
 
 
 def _dot_flags(dtype: torch.dtype) -> dict[str, bool]:
-    # fp32 follows torch's own setting for convolutions (cuDNN uses TF32 unless told not to).
+    """fp32 follows torch's own setting for convolutions (cuDNN uses TF32 unless told not to);
+    TF32 means nothing for bf16 operands, so a bf16 kernel always has it off."""
     return {"UPCAST": INTERPRET and dtype == torch.bfloat16,
-            "ALLOW_TF32": bool(torch.backends.cudnn.allow_tf32) and not INTERPRET}
+            "ALLOW_TF32": dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32) and not INTERPRET}
 
 
 def _geometry(x: torch.Tensor, out_shape) -> tuple[int, ...]:
@@ -312,6 +328,7 @@ def stats_tiles(m: int) -> int:
     return triton.cdiv(m, min(c.kwargs["BLOCK_M"] for c in _configs("fwd", FWD_CONFIGS)))
 
 
+@on_tensor_device
 def conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
                    padding: int, *, relu: bool = False, residual: torch.Tensor | None = None,
                    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -329,8 +346,7 @@ def conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     w = weight.permute(2, 3, 4, 1, 0).contiguous()  # [kd, kh, kw, c_in, c_out]
     if residual is not None:
         residual = channels_last(residual)
-        if residual.shape != out.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} does not match the output {tuple(out.shape)}")
+        check_residual(residual, out)
     psum, pm2, pcount = stats if stats is not None else (out, out, out)
 
     def grid(meta):
@@ -344,6 +360,7 @@ def conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out
 
 
+@on_tensor_device
 def conv3d_dgrad(dy: torch.Tensor, weight: torch.Tensor, x_shape, stride: int, padding: int) -> torch.Tensor:
     """The input gradient of conv3d, channels_last_3d."""
     dy = channels_last(dy)
@@ -361,6 +378,7 @@ def conv3d_dgrad(dy: torch.Tensor, weight: torch.Tensor, x_shape, stride: int, p
     return dx
 
 
+@on_tensor_device
 def conv3d_wgrad(x: torch.Tensor, dy: torch.Tensor, weight_shape, stride: int, padding: int,
                  bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight gradient, bias gradient or None), both fp32."""
@@ -373,7 +391,7 @@ def conv3d_wgrad(x: torch.Tensor, dy: torch.Tensor, weight_shape, stride: int, p
 
     def grid(meta):
         return (triton.cdiv(k_total, meta["BLOCK_K"]), triton.cdiv(c_out, meta["BLOCK_N"]),
-                triton.cdiv(m, meta["SPLIT_ROWS"]))
+                min(triton.cdiv(m, meta["SPLIT_ROWS"]), MAX_GRID_Z))
 
     _conv3d_wgrad_kernel[grid](x, dy, dw, db, m, c_in, c_out, *_geometry(x, dy.shape), padding,
                                KSIZE=ksize, STRIDE=stride, HAS_BIAS=bias, **_dot_flags(x.dtype))
@@ -430,6 +448,8 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def conv3d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """relu(conv3d(x) + bias) (+ residual) in one kernel (ConvRes in eval mode, BN folded)."""
+    if residual is not None and residual.dtype != x.dtype:
+        raise TypeError(f"residual is {residual.dtype}, the input {x.dtype}: cast it first")
     tensors = (x, weight, bias, residual)
     keep_mask = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return Conv3dFunction.apply(x, weight, bias, residual, stride, padding, True, keep_mask)
@@ -438,43 +458,61 @@ def conv3d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 # ----------------------------------------------------------------------------------------------
 # Compile specs
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_GEOM = {"M": "i32", "C_in": "i32", "C_out": "i32", "D": "i32", "H": "i32", "W": "i32",
-         "D_out": "i32", "H_out": "i32", "W_out": "i32", "pad": "i32"}
-_FWD_EPILOGUES = {
-    "train": dict(HAS_BIAS=True, STATS=True, RELU=False, HAS_RESIDUAL=False),
-    "eval": dict(HAS_BIAS=True, STATS=False, RELU=True, HAS_RESIDUAL=True),
-}
-"""The forward's epilogues: training (bias, BN partial statistics) and folded eval (bias, ReLU,
-residual); plain conv3d's bias-only epilogue is a subset of the eval one."""
+DOT_MODES = (("fp32", True), ("fp32", False), ("bf16", False))
+"""(dtype, ALLOW_TF32) as `_dot_flags` sets them: fp32 follows torch's TF32 switch, bf16 never
+uses TF32; UPCAST is an interpreter-only flag, always off when compiled."""
+STEM = (3, 1)
+"""The (kernel size, stride) of ConvRes's first conv, whose C_in == 1 Triton makes a constant."""
+STEM_EPILOGUES = ({"HAS_BIAS": True, "STATS": True, "RELU": False, "HAS_RESIDUAL": False},
+                  {"HAS_BIAS": True, "STATS": False, "RELU": True, "HAS_RESIDUAL": False})
+"""The stem conv (with bias, no residual) in training and in eval mode."""
 
 
-def _spec(name, kernel, pointers, constexprs, config) -> KernelSpec:
-    constexprs = {**constexprs, **config.kwargs}
-    types = {**pointers, **_GEOM, **dict.fromkeys(constexprs, "constexpr")}
-    signature = {name: types[name] for name in kernel.fn.arg_names}
-    return KernelSpec(name, kernel.fn, signature, constexprs, config.num_warps, config.num_stages)
+def fwd_epilogues() -> list[dict[str, bool]]:
+    """Every forward epilogue the host functions can ask for: the full product of the four
+    flags, less training statistics with a ReLU or residual (training normalises first) and a
+    residual without the ReLU (only `conv3d_relu` adds one)."""
+    flags = ("HAS_BIAS", "STATS", "RELU", "HAS_RESIDUAL")
+    combos = [dict(zip(flags, bits, strict=True)) for bits in itertools.product((False, True), repeat=4)]
+    return [c for c in combos if not (c["STATS"] and (c["RELU"] or c["HAS_RESIDUAL"]))
+            and not (c["HAS_RESIDUAL"] and not c["RELU"])]
+
+
+def _name(kind: str, flags: dict[str, Any], dtype: str, tf32: bool, config_index: int, c_in_one: bool) -> str:
+    set_flags = "".join(f"_{k.lower()}" for k, v in flags.items()
+                        if v is True and k not in ("KSIZE", "STRIDE", "UPCAST", "ALLOW_TF32"))
+    return (f"conv3d_{kind}_k{flags['KSIZE']}s{flags['STRIDE']}{set_flags}_{dtype}"
+            f"{'_tf32' if tf32 else ''}{'_cin1' if c_in_one else ''}_c{config_index}")
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Every kernel x autotune config x dtype x (kernel size, stride) ConvRes uses."""
+    """Every kernel x (kernel size, stride) ConvRes uses x dtype and TF32 mode x epilogue x
+    autotune config, with the ints Triton fixes to 1: the padding of 3^3 convs and the stem's
+    single input channel (in the stem's own epilogues; no input gradient there: the image needs
+    none)."""
     specs = []
-    for dname, dtype in _DTYPES.items():
-        t = f"*{dname}"
-        flags = {"UPCAST": False, "ALLOW_TF32": dtype == torch.float32}
-        for ksize, stride in GEOMETRIES:
-            geo = {"KSIZE": ksize, "STRIDE": stride}
-            for i, cfg in enumerate(FWD_CONFIGS):
-                for epi, epi_flags in _FWD_EPILOGUES.items():
-                    ptrs = {"x_ptr": t, "w_ptr": t, "b_ptr": t, "res_ptr": t, "out_ptr": t,
-                            "psum_ptr": "*fp32", "pm2_ptr": "*fp32", "pcount_ptr": "*fp32"}
-                    specs.append(_spec(f"conv3d_fwd_{epi}_k{ksize}s{stride}_{dname}_c{i}", _conv3d_fwd_kernel,
-                                       ptrs, {**geo, **epi_flags, **flags}, cfg))
-            for i, cfg in enumerate(DGRAD_CONFIGS):
-                specs.append(_spec(f"conv3d_dgrad_k{ksize}s{stride}_{dname}_c{i}", _conv3d_dgrad_kernel,
-                                   {"dy_ptr": t, "w_ptr": t, "dx_ptr": t}, {**geo, **flags}, cfg))
-            for i, cfg in enumerate(WGRAD_CONFIGS):
-                specs.append(_spec(f"conv3d_wgrad_k{ksize}s{stride}_{dname}_c{i}", _conv3d_wgrad_kernel,
-                                   {"x_ptr": t, "dy_ptr": t, "dw_ptr": "*fp32", "db_ptr": "*fp32"},
-                                   {**geo, "HAS_BIAS": True, **flags}, cfg))
+    for (dtype, tf32), (ksize, stride) in itertools.product(DOT_MODES, GEOMETRIES):
+        t = f"*{dtype}"
+        base = {"KSIZE": ksize, "STRIDE": stride, "UPCAST": False, "ALLOW_TF32": tf32}
+        ones = ("pad",) if ksize == 3 else ()
+        for c_in_one in (False, True) if (ksize, stride) == STEM else (False,):
+            c_ones = (*ones, "C_in") if c_in_one else ones
+            epilogues = STEM_EPILOGUES if c_in_one else fwd_epilogues()
+            for epilogue, (i, cfg) in itertools.product(epilogues, enumerate(FWD_CONFIGS)):
+                flags = {**base, **epilogue}
+                stats = "*fp32" if epilogue["STATS"] else t  # without statistics the output stands in
+                fwd_types = {"x_ptr": t, "w_ptr": t, "b_ptr": t, "res_ptr": t, "out_ptr": t,
+                             "psum_ptr": stats, "pm2_ptr": stats, "pcount_ptr": stats}
+                specs.append(make_spec(_name("fwd", flags, dtype, tf32, i, c_in_one), _conv3d_fwd_kernel,
+                                       fwd_types, flags, cfg, c_ones))
+            for has_bias, (i, cfg) in itertools.product((True,) if c_in_one else (False, True),
+                                                        enumerate(WGRAD_CONFIGS)):
+                flags = {**base, "HAS_BIAS": has_bias}
+                specs.append(make_spec(_name("wgrad", flags, dtype, tf32, i, c_in_one), _conv3d_wgrad_kernel,
+                                       {"x_ptr": t, "dy_ptr": t, "dw_ptr": "*fp32", "db_ptr": "*fp32"},
+                                       flags, cfg, c_ones))
+            if not c_in_one:
+                for i, cfg in enumerate(DGRAD_CONFIGS):
+                    specs.append(make_spec(_name("dgrad", base, dtype, tf32, i, False), _conv3d_dgrad_kernel,
+                                           {"dy_ptr": t, "w_ptr": t, "dx_ptr": t}, base, cfg, ones))
     return specs

@@ -10,18 +10,18 @@ step.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from conftest import run_interpreted
 
+from naslung.kernels.runtime import interpreting
 from naslung.models import ConvRes, make_loss
 from naslung.models.fused import fuse
 
 pytest.importorskip("triton")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = interpreting()
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
 
 
@@ -89,7 +89,7 @@ def test_batch_of_one_matches_the_reference():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["4,8,16/32,32/64,128", "16,32/64,64/128"])
-def test_training_step_matches_the_reference_on_the_gpu(arch):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_training_step_matches_the_reference_on_the_gpu(arch, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     compare_step(arch, "nas-lung", crop=32, batch=8, device="cuda", dtype_tol=2e-3)

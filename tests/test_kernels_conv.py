@@ -15,18 +15,18 @@ The `gpu` tests run the compiled kernels at full ConvRes shapes on a CUDA GPU.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_interpreted
 
+from naslung.kernels.runtime import interpreting
 from naslung.models.blocks import ConvBNReLU, ResidualBlock
 
 pytest.importorskip("triton")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = interpreting()
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process "
                                  "of test_kernels_in_the_interpreter")
 HAS_CUDA = torch.cuda.is_available() and not INTERPRETED
@@ -259,24 +259,49 @@ def test_training_needs_more_than_one_value_per_channel():
                      None, None, training=False, momentum=0.1, eps=1e-5, stride=1, padding=1)
 
 
-def test_compile_specs_cover_every_kernel_config_and_dtype():
-    from naslung.kernels import batchnorm, conv3d
+def test_a_residual_of_another_dtype_is_refused_before_any_launch():
+    from naslung.kernels.conv3d import conv3d_relu
 
-    conv_kernels = ("_conv3d_fwd_kernel", "_conv3d_dgrad_kernel", "_conv3d_wgrad_kernel")
-    bn_kernels = ("_bn_finalize_kernel", "_bn_relu_fwd_kernel", "_bn_relu_bwd_reduce_kernel",
-                  "_bn_relu_bwd_kernel")
-    for module, kernels in ((conv3d, conv_kernels), (batchnorm, bn_kernels)):
-        specs = module.compile_specs()
-        assert len({s.name for s in specs}) == len(specs)
-        for name in kernels:
-            kernel = getattr(module, name)
-            fn = kernel.fn if hasattr(kernel, "configs") else kernel
-            mine = [s for s in specs if s.fn is fn]
-            configs = getattr(kernel, "configs", [None])
-            assert len(mine) >= len(configs), name
-            assert all(list(s.signature) == list(fn.arg_names) for s in mine), name
-            if name != "_bn_finalize_kernel":
-                assert {s.signature[next(iter(s.signature))] for s in mine} >= {"*fp32", "*bf16"}, name
+    x, w = torch.randn(1, 2, 4, 4, 4), torch.randn(3, 2, 3, 3, 3)
+    with pytest.raises(TypeError, match="residual is torch.float64"):
+        conv3d_relu(x, w, None, 1, 1, residual=torch.randn(1, 3, 4, 4, 4, dtype=torch.float64))
+
+
+@interpreted
+def test_wgrad_programs_loop_over_splits_beyond_the_grid(monkeypatch):
+    """With the grid's third dimension capped at 1 and at 2, one program takes several splits of
+    output positions: the weight and bias gradients stay torch's."""
+    from naslung.kernels import conv3d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 20, 20, 20)  # 16,000 output positions: 4 splits of the interpreter's 4,096
+    w, b = torch.randn(5, 3, 3, 3, 3), torch.randn(5)
+    dy = torch.randn(2, 5, 20, 20, 20)
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    F.conv3d(xr, wr, br, padding=1).backward(dy.double())
+    for cap in (1, 2, 65_535):
+        monkeypatch.setattr(conv3d, "MAX_GRID_Z", cap)
+        dw, db = conv3d.conv3d_wgrad(x, dy, w.shape, 1, 1, bias=True)
+        assert rel_err(dw, wr.grad) < FP32_REL and rel_err(db, br.grad) < FP32_REL, cap
+
+
+@interpreted
+def test_cumulative_running_statistics_match_torch_without_a_host_sync():
+    """BatchNorm with momentum=None averages over num_batches_tracked, which the kernel reads on
+    the device (a CUDA graph can capture it)."""
+    from naslung.models.fused import fuse
+
+    torch.manual_seed(0)
+    ref = ConvBNReLU(2, 4, 3)
+    ref.bn.momentum = None
+    ours = fuse(copy.deepcopy(ref))
+    for step in range(3):
+        x = torch.randn(2, 2, 6, 6, 6) + step
+        ref(x.double().float())
+        ours(x)
+    assert ours.bn.num_batches_tracked.item() == 3
+    assert rel_err(ours.bn.running_mean, ref.bn.running_mean) < FP32_REL
+    assert rel_err(ours.bn.running_var, ref.bn.running_var) < FP32_REL
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,13 +46,13 @@ def cache(tmp_path, monkeypatch):
 def counted(monkeypatch):
     """Counts the blocks and models timed."""
     calls = []
-    timer = lat._medians_ms
+    timer = lat.median_latencies_ms
 
     def counting(fns, *args, **kwargs):
         calls.extend([1] * len(fns))
         return timer(fns, *args, **kwargs)
 
-    monkeypatch.setattr(lat, "_medians_ms", counting)
+    monkeypatch.setattr(lat, "median_latencies_ms", counting)
     return calls
 
 

@@ -50,6 +50,13 @@ def test_importing_naslung_does_not_import_pylidc():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_preparing_data_does_not_import_torch_or_the_models():
+    code = ("import sys, naslung.data.lidc, naslung.data.phantom, naslung.entry; "
+            "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('naslung.models')]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_pylidc_import_leaves_numpy_and_pkg_resources_alone():
     import_pylidc()
     assert np.bool is np.bool_

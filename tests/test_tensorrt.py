@@ -78,6 +78,40 @@ def test_tensorrt_without_a_gpu_is_reported(monkeypatch):
     assert reason.startswith("no CUDA GPU") and "\n" not in reason
 
 
+def fake_tensorrt(version: str, tf32_flag: bool = True) -> types.ModuleType:
+    """A stand-in for the TensorRT module (which cannot be installed here) with only what the
+    version branches read: its version, the network creation flag and the builder flags."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+    trt.BuilderFlag = types.SimpleNamespace(**({"TF32": "TF32"} if tf32_flag else {}))
+    return trt
+
+
+class RecordingConfig:
+    """A builder config that records the flags cleared on it."""
+
+    def __init__(self):
+        self.cleared = []
+
+    def clear_flag(self, flag):
+        self.cleared.append(flag)
+
+
+@pytest.mark.parametrize("version, tf32_flag, flags, cleared", [
+    ("10.13.0.35", True, 1 << 1, ["TF32"]),   # TensorRT 10: ask for strong typing, clear TF32
+    ("11.4.0", True, 0, ["TF32"]),            # TensorRT 11: always strongly typed; TF32 still a flag
+    ("11.4.0", False, 0, []),                 # a TensorRT 11 without the TF32 flag: nothing to clear
+])
+def test_the_version_branches_of_the_engine_builder(monkeypatch, version, tf32_flag, flags, cleared):
+    from naslung.export.tensorrt import clear_tf32, network_flags
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, tf32_flag))
+    config = RecordingConfig()
+    clear_tf32(config)
+    assert network_flags() == flags and config.cleared == cleared
+
+
 def test_build_without_tensorrt_refuses_and_writes_nothing(no_tensorrt, tmp_path):
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"not looked at")

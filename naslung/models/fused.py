@@ -8,11 +8,11 @@ loads into the other. `fuse` turns a reference ConvRes into its fused form.
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 from torch import nn
 
+from naslung.kernels.runtime import interpreting
 from naslung.models.blocks import ConvBNReLU, ResidualBlock
 from naslung.models.cbam import ResidualCBAM, WooCBAM
 
@@ -26,14 +26,12 @@ class FusedConvBNReLU(ConvBNReLU):
         from naslung.kernels.batchnorm import conv_bn_relu
 
         bn = self.bn
-        momentum = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average, as torch does
-                momentum = 1.0 / float(bn.num_batches_tracked)
+            bn.num_batches_tracked.add_(1)  # momentum None: a cumulative average over these, on the device
         return conv_bn_relu(x, self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean,
-                            bn.running_var, training=bn.training, momentum=momentum, eps=bn.eps,
-                            stride=self.conv.stride[0], padding=self.conv.padding[0], residual=residual)
+                            bn.running_var, training=bn.training, momentum=bn.momentum, eps=bn.eps,
+                            stride=self.conv.stride[0], padding=self.conv.padding[0], residual=residual,
+                            num_batches_tracked=bn.num_batches_tracked)
 
 
 class FusedResidualBlock(ResidualBlock):
@@ -80,7 +78,7 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
         raise ValueError(f"unknown kernels {choice!r}; choose from {', '.join(KERNEL_CHOICES)}")
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if choice == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError("--kernels triton needs a CUDA device (on the CPU the Triton kernels run only "
                          "under TRITON_INTERPRET=1, for testing); use --kernels torch or auto")
     return choice

@@ -68,7 +68,9 @@ _worker: dict = {}
 def _start_worker(store_root: str, devices: multiprocessing.Queue, threads: int) -> None:
     torch.set_num_threads(threads)
     _worker["data"] = TrialData.of(CropStore.open(store_root))
-    _worker["device"] = torch.device(devices.get())
+    device = _worker["device"] = torch.device(devices.get())
+    if device.type == "cuda":  # this worker's GPU is its current device for everything it runs
+        torch.cuda.set_device(device)
 
 
 def _run_in_worker(trial: Trial) -> TrialResult:

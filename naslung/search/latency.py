@@ -20,12 +20,8 @@ of whole models, and `search_cost` gives the search its cost array for params, f
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +36,13 @@ from naslung.fileio import write_json
 from naslung.models import CBAM_VARIANTS, ConvBNReLU, ConvRes, ResidualBlock, make_cbam, make_head
 from naslung.paths import cache_root
 from naslung.search.space import SearchSpace
+from naslung.search.timing import (
+    CpuWait,
+    check_timing_settings,
+    median_latencies_ms,
+    runnable,
+    torch_threads,
+)
 from naslung.versions import cpu_model
 
 if TYPE_CHECKING:
@@ -231,127 +234,6 @@ def cache_path(facts: dict[str, Any], cache_dir: str | Path | None = None) -> Pa
     return (Path(cache_dir) if cache_dir is not None else cache_root() / "latency") / f"{slug}.json"
 
 
-def _time_once_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    """One call's latency in ms. On a GPU the call sits between two CUDA events and is synchronised,
-    so a timing is the latency of one call, launch overhead included, never of a queue of them."""
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device)
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _medians_ms(fns: list[Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
-                on_round: Callable[[], None] | None = None) -> list[float]:
-    """Median latency in ms of each call, after ``warmup`` untimed rounds, over ``repeats`` rounds.
-
-    Calls are interleaved: each round times every call once, in a fresh random order, so a
-    machine that gets busier for a while slows all of them alike instead of a few, and no call
-    finds the caches warmed by itself (inside a model, each block follows another).
-    """
-    times: list[list[float]] = [[] for _ in fns]
-    order = list(range(len(fns)))
-    shuffle = random.Random(0)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns:
-                fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if on_round:
-                on_round()
-        for _ in range(repeats):
-            shuffle.shuffle(order)
-            for i in order:
-                times[i].append(_time_once_ms(fns[i], device))
-            if on_round:
-                on_round()
-    return [float(np.median(t)) for t in times]
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """torch's CPU thread count set to ``n`` for the block, then restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _runqueue_wait_s() -> float | None:
-    """Seconds the threads of this process have spent ready to run but waiting for a CPU (Linux)."""
-    tasks = Path(f"/proc/{os.getpid()}/task")
-    if not tasks.is_dir():
-        return None
-    total = 0
-    for stat in tasks.glob("*/schedstat"):
-        try:
-            total += int(stat.read_text().split()[1])  # on-CPU ns, runqueue-wait ns, timeslices
-        except (OSError, ValueError, IndexError):  # a thread that just ended
-            continue
-    return total / 1e9
-
-
-class CpuWait:
-    """Measures how long this process's threads waited for a CPU while timing.
-
-    Another process on the cores inflates timings unevenly (one torch thread waiting for a core
-    stalls the others: on a 2-core machine with one core busy elsewhere, a 2-thread model that
-    takes 20 ms took 800 ms), so every table and correlation records the fraction (summed over
-    threads, per second of wall time) and warns above 10 %.
-    """
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.wall = 0.0
-        self.waiting: float | None = None
-
-    def __enter__(self) -> CpuWait:
-        self._wait0, self._t0 = _runqueue_wait_s(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self._t0
-        end = _runqueue_wait_s()
-        if self._wait0 is not None and end is not None:
-            self.waiting = max(0.0, end - self._wait0)
-        fraction = self.fraction
-        if exc[0] is None and fraction is not None and fraction > 0.1:
-            from naslung.console import console
-
-            console.print(f"[yellow]warning[/yellow]: while timing {self.what}, this process's threads "
-                          f"waited for a CPU {fraction:.0%} of the time: other processes compete for the "
-                          "cores, so these timings are inflated; measure again on a quiet machine")
-
-    @property
-    def fraction(self) -> float | None:
-        """Seconds waiting (summed over threads) per second of wall time; None where unknown."""
-        return None if self.waiting is None or self.wall <= 0 else self.waiting / self.wall
-
-
-def _runnable(module: nn.Module, shape: tuple[int, ...], device: torch.device) -> Callable[[], Any]:
-    """``module`` in eval mode on ``device`` with a fixed random input, as a no-argument call."""
-    module = module.eval().to(device)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    return lambda: module(x)
-
-
-def _check_settings(warmup: int, repeats: int) -> None:
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
-
-
 def _progress(enabled: bool) -> Progress:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -379,7 +261,7 @@ class LatencyTable:
               cbam: str = "nas-lung", head: str = "asoftmax", threads: int | None = None,
               warmup: int = DEFAULT_WARMUP, repeats: int = DEFAULT_REPEATS) -> LatencyTable:
         """A table with nothing measured yet, for this machine and these settings."""
-        _check_settings(warmup, repeats)
+        check_timing_settings(warmup, repeats)
         facts = current_facts(device, batch=batch, crop=crop, cbam=cbam, head=head, threads=threads)
         return cls(facts, warmup, repeats)
 
@@ -424,7 +306,7 @@ class LatencyTable:
                              "measure a new one here instead of extending it")
         device = self.device
         chunks = [todo[i:i + INTERLEAVED] for i in range(0, len(todo), INTERLEAVED)]
-        with (torch.random.fork_rng(devices=[]), _threads(f["threads"]),  # callers' RNG left alone
+        with (torch.random.fork_rng(devices=[]), torch_threads(f["threads"]),  # callers' RNG left alone
               _progress(progress) as bar, CpuWait(f"{len(todo)} blocks") as wait):
             task = bar.add_task(f"{len(todo)} block latencies on {f['device_name']} (rounds)",
                                 total=len(chunks) * (self.warmup + self.repeats))
@@ -434,8 +316,9 @@ class LatencyTable:
                     torch.manual_seed(0)
                     module, shape = build_block(key, crop=f["crop"], batch=f["batch"], cbam=f["cbam"],
                                                 head=f["head"])
-                    fns.append(_runnable(module, shape, device))
-                medians = _medians_ms(fns, device, self.warmup, self.repeats, lambda: bar.advance(task))
+                    fns.append(runnable(module, shape, device))
+                medians = median_latencies_ms(fns, device, self.warmup, self.repeats,
+                                              lambda: bar.advance(task))
                 self.blocks.update(zip(chunk, medians, strict=True))
         self.seconds_measuring += wait.wall
         if wait.waiting is None or self.seconds_waiting_for_cpu is None:
@@ -498,7 +381,7 @@ def latency_table(space: SearchSpace, device: str | torch.device = "cpu", *, bat
     its entries are alike; ``refresh=True`` measures everything anew with the given ones. A
     cache whose facts differ from this machine's is never used: it is reported and replaced.
     """
-    _check_settings(warmup, repeats)
+    check_timing_settings(warmup, repeats)
     facts = current_facts(device, batch=batch, crop=crop, cbam=cbam, head=head, threads=threads)
     path = cache_path(facts, cache_dir)
     table = None
@@ -617,7 +500,7 @@ def measure_model_latency(arch: Arch | str, device: str | torch.device = "cpu", 
                           threads: int | None = None, warmup: int = DEFAULT_WARMUP,
                           repeats: int = DEFAULT_REPEATS) -> float:
     """Warm median latency in ms of a whole `ConvRes` forward pass, timed like the blocks."""
-    _check_settings(warmup, repeats)
+    check_timing_settings(warmup, repeats)
     facts = current_facts(device, batch=batch, crop=crop, cbam=cbam, head=head, threads=threads)
     return _models_ms([arch], facts, warmup, repeats)[0]
 
@@ -627,12 +510,12 @@ def _models_ms(archs: list[Arch | str], facts: dict[str, Any], warmup: int, repe
     """Median latency of whole ConvRes models under ``facts``, timed in interleaved rounds."""
     dev = _device(facts["device"])
     shape = (facts["batch"], 1, facts["crop"], facts["crop"], facts["crop"])
-    with torch.random.fork_rng(devices=[]), _threads(facts["threads"]):
+    with torch.random.fork_rng(devices=[]), torch_threads(facts["threads"]):
         fns = []
         for arch in archs:
             torch.manual_seed(0)
-            fns.append(_runnable(ConvRes(arch, cbam=facts["cbam"], head=facts["head"]), shape, dev))
-        return _medians_ms(fns, dev, warmup, repeats, on_round)
+            fns.append(runnable(ConvRes(arch, cbam=facts["cbam"], head=facts["head"]), shape, dev))
+        return median_latencies_ms(fns, dev, warmup, repeats, on_round)
 
 
 class Correlation(NamedTuple):
@@ -643,7 +526,7 @@ class Correlation(NamedTuple):
     indices: np.ndarray  # arch numbers in the space, in the (random) order they were timed
     predicted: np.ndarray  # ms, from the table
     measured: np.ndarray  # ms, whole models
-    cpu_wait_fraction: float | None  # seconds waiting for a CPU per second timing (see `CpuWait`)
+    cpu_wait_fraction: float | None  # seconds waiting for a CPU per second timing (see `timing.CpuWait`)
 
 
 def rank_correlation(space: SearchSpace, table: LatencyTable, sample: int = 20, seed: int = 0, *,
@@ -653,8 +536,8 @@ def rank_correlation(space: SearchSpace, table: LatencyTable, sample: int = 20, 
 
     Measured on the table's device and settings (ValueError if this machine's facts differ);
     warm-up and repeat counts default to the table's. The models are timed in interleaved
-    rounds (see `_medians_ms`), up to `INTERLEAVED` at a time, so a machine getting busier for
-    a while slows them alike.
+    rounds (see `naslung.search.timing.median_latencies_ms`), up to `INTERLEAVED` at a time, so a
+    machine getting busier for a while slows them alike.
     """
     from scipy.stats import spearmanr
 
@@ -667,7 +550,7 @@ def rank_correlation(space: SearchSpace, table: LatencyTable, sample: int = 20, 
                          "its predictions cannot be checked against timings here")
     warmup = table.warmup if warmup is None else warmup
     repeats = table.repeats if repeats is None else repeats
-    _check_settings(warmup, repeats)
+    check_timing_settings(warmup, repeats)
     indices = np.random.default_rng(seed).choice(len(space), size=sample, replace=False)
     predicted = predict(space, table)[indices]
     measured: list[float] = []

@@ -18,6 +18,7 @@ from itertools import chain
 import torch
 from torch import nn
 
+from naslung.kernels.runtime import on_tensor_device
 from naslung.models.heads import AngleLoss
 
 ZERO_STATE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
@@ -120,6 +121,7 @@ class CapturedTrainStep:
     device and keep its parameters (no ``.to()``, no new optimizer) while this step is in use.
     """
 
+    @on_tensor_device  # capture on the batch's GPU's streams, whichever device is current
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  example_x: torch.Tensor, example_y: torch.Tensor, warmup_steps: int = 3) -> None:
         device = example_x.device
@@ -161,6 +163,7 @@ class CapturedTrainStep:
         return all(new.shape == old.shape and new.dtype == old.dtype and new.device == old.device
                    for new, old in ((x, self.static_x), (y, self.static_y)))
 
+    @on_tensor_device
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.model.training:
             raise RuntimeError("the captured step replays training-mode kernels: call model.train() "

@@ -17,6 +17,7 @@ from rich.progress import Progress
 
 from naslung.arch import Arch
 from naslung.data.augment import AIR_HU, HU_WINDOW, Augmenter, Normalisation, centre_crop, pad_volumes
+from naslung.kernels.runtime import on_tensor_device
 from naslung.models import ConvRes, make_loss
 from naslung.models.fused import KERNEL_CHOICES, fuse, resolve_kernels
 from naslung.train.graphs import TrainStep
@@ -168,6 +169,7 @@ def selection_score(metrics: dict, select: str) -> float:
     return metrics["accuracy"] if math.isnan(score) else score
 
 
+@on_tensor_device  # the kernels launch on the data's GPU, which need not be the current one
 def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cfg: TrainConfig,
                progress: Progress | None = None, score_test: bool = True) -> FoldResult:
     """Train on ``split.train``, keep the epoch best on ``split.val``, score ``split.test`` once

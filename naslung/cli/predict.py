@@ -1,4 +1,4 @@
-"""The `naslung predict` subcommand: its options, and the table it prints.
+"""`naslung predict`: its options, and the table it prints.
 
 The parser is built for every `naslung` command, so SimpleITK, pylidc and matplotlib are
 imported only when a prediction runs.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+
+from naslung.cli.base import UsageError, newest_run
 
 DESCRIPTION = (
     "Malignancy of lung nodules in a CT (a DICOM series folder, .mhd or .nii/.nii.gz) by a "
@@ -33,7 +35,9 @@ def _triplet(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def add_predict_options(p: argparse.ArgumentParser) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="malignancy of the nodules in a CT, with attention maps",
+                       description=DESCRIPTION)
     p.add_argument("--model", type=Path,
                    help="model.onnx, an export directory, a TensorRT engine or a run/checkpoint "
                    "directory (default: the newest runs/*/export/model.onnx)")
@@ -61,7 +65,6 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from naslung.cli import UsageError, newest_run
     from naslung.predict.run import PredictError, run_predict
 
     model = args.model or newest_run("*/export/model.onnx", "exported model", "--model")
