@@ -1,7 +1,9 @@
 """CPU timings of ConvRes: one training step and batch-1 inference, per memory layout.
 
-Providers: ``eager`` (NCDHW), ``channels_last_3d`` (model and input in that layout) and
-``compile`` (torch.compile of the model, opt-in: see conftest.py). Each benchmark's group is
+Providers: ``eager`` (NCDHW), ``channels_last_3d`` (model and input in that layout), ``bf16``
+and ``bf16_channels_last_3d`` (bfloat16 autocast with fp32 master weights, as ``naslung train
+--precision bf16`` runs; only on CPUs with native bf16) and ``compile`` (torch.compile of the
+model, opt-in: see conftest.py). Each benchmark's group is
 ``{kind}-{arch}``, so pytest-benchmark compares the providers of one arch side by side.
 Compiling and warm-up happen before the timed rounds. The file is outside ``tests/`` so the
 default test run does not collect it; run it with
@@ -23,6 +25,7 @@ import torch
 from naslung import Arch, ConvRes
 from naslung.arch import PAPER_28M
 from naslung.models import make_loss
+from naslung.train.formats import cpu_supports_bf16
 
 CROP = 32
 TRAIN_BATCH = 8
@@ -43,20 +46,30 @@ CASES = [
     pytest.param(Case("16,32/64,64/128", (1, 5), (3, 20)), id="small"),
     pytest.param(Case(str(PAPER_28M), (1, 3), (2, 10)), id="paper28m"),
 ]
-PROVIDERS = ["eager", "channels_last_3d", "compile"]
+PROVIDERS = ["eager", "channels_last_3d", "bf16", "bf16_channels_last_3d", "compile"]
+
+
+def _channels_last(provider: str) -> bool:
+    return provider.endswith("channels_last_3d")
+
+
+def _autocast(provider: str) -> torch.autocast:
+    if provider.startswith("bf16") and not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=provider.startswith("bf16"))
 
 
 def _model(arch: str, provider: str, train: bool) -> ConvRes:
     torch.manual_seed(0)
     model = ConvRes(Arch.parse(arch)).train(train)
-    if provider == "channels_last_3d":
+    if _channels_last(provider):
         model = model.to(memory_format=torch.channels_last_3d)
     return model
 
 
 def _crops(batch: int, provider: str) -> torch.Tensor:
     x = torch.randn(batch, 1, CROP, CROP, CROP, generator=torch.Generator().manual_seed(1))
-    if provider == "channels_last_3d":
+    if _channels_last(provider):
         x = x.contiguous(memory_format=torch.channels_last_3d)
     return x
 
@@ -88,10 +101,12 @@ def test_train_step(benchmark, request, case: Case, provider: str) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.999))
     x = _crops(TRAIN_BATCH, provider)
     target = torch.randint(0, 2, (TRAIN_BATCH,), generator=torch.Generator().manual_seed(2))
+    autocast = _autocast(provider)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), target)
+        with autocast:
+            loss = loss_fn(net(x), target)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -111,9 +126,10 @@ def test_infer(benchmark, request, case: Case, provider: str) -> None:
     model = _model(case.arch, provider, train=False)
     net = torch.compile(model) if provider == "compile" else model
     x = _crops(INFER_BATCH, provider)
+    autocast = _autocast(provider)
 
     def infer() -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             return net(x)
 
     if provider == "compile":

@@ -65,6 +65,17 @@ def number_at_least(low: float) -> Callable[[str], float]:
     return parse
 
 
+def number_range(text: str) -> tuple[float, float]:
+    """``LOW,HIGH``: two finite numbers, LOW < HIGH (e.g. an HU window)."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}")
+    low, high = (_number(part) for part in parts)
+    if not low < high:
+        raise argparse.ArgumentTypeError(f"LOW must be below HIGH, got {text!r}")
+    return low, high
+
+
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 positive_number = number_above(0.0)

@@ -1,4 +1,4 @@
-"""The size baseline, the bootstrap, and the ensemble of a search's front on a tiny store."""
+"""Logistic regression, the bootstrap, and the ensemble of a search's front on a tiny store."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from naslung.arch import Arch
 from naslung.data.store import CropStore
-from naslung.train.baseline import fit_logistic, predict_logistic, size_baseline_predictions
+from naslung.train.comparison import patient_bootstrap_weights, weighted_accuracy, weighted_auc
 from naslung.train.ensemble import (
     BASELINE,
     MEAN,
@@ -20,12 +20,10 @@ from naslung.train.ensemble import (
     EnsembleError,
     choose_archs,
     majority_vote,
-    patient_bootstrap_weights,
     read_member_predictions,
     run_ensemble,
-    weighted_accuracy,
-    weighted_auc,
 )
+from naslung.train.logistic import fit_logistic, predict_logistic
 from naslung.train.metrics import roc_auc
 
 FRONT = [{"arch": "4/4/4", "accuracy": 0.7, "cost": 100, "params": 1, "flops": 1},
@@ -79,7 +77,7 @@ def ensemble(tmp_path_factory, store, one_thread):
     return search_dir, out, report
 
 
-# --- logistic regression and the size baseline ---------------------------------------------
+# --- logistic regression ---------------------------------------------------------------
 
 def test_logistic_matches_the_closed_form_of_a_binary_feature():
     # With one binary feature the MLE reproduces each group's rate: logit(0.3), logit(0.7).
@@ -100,17 +98,6 @@ def test_logistic_stays_finite_on_separable_data():
 def test_logistic_refuses_a_single_class():
     with pytest.raises(ValueError, match="both classes"):
         fit_logistic(np.arange(4.0), np.zeros(4))
-
-
-def test_size_baseline_is_fitted_without_the_test_fold(store):
-    probabilities = size_baseline_predictions(store)
-    x = np.log(store.column("diameter_mm").astype(float))
-    for fold in range(store.n_folds):
-        test = store.folds == fold
-        coefficients = fit_logistic(x[~test], store.labels[~test])
-        assert coefficients[1] > 0  # larger nodules are more often malignant
-        np.testing.assert_allclose(probabilities[test], predict_logistic(coefficients, x[test]))
-    assert 0.6 < roc_auc(store.labels, probabilities) < 1.0  # informative, not perfect
 
 
 # --- bootstrap over patients -----------------------------------------------------------------
@@ -174,24 +161,25 @@ def test_clear_errors(tmp_path, store, setup, kwargs, message):
 def test_table_rows_baseline_first(ensemble):
     _, out, report = ensemble
     assert report.archs == ["4/4/4", "4/4/8"]
-    assert [r.kind for r in report.rows] == [BASELINE, MEMBER, MEMBER, MEAN, VOTE]
-    assert [r.name for r in report.rows][1:3] == ["4/4/4", "4/4/8"]
-    assert report.rows[0].params == 2
-    assert report.rows[3].params == report.rows[4].params == report.rows[1].params + report.rows[2].params
+    # a store without ratings: size-image, size-reader and features
+    assert [r.kind for r in report.rows] == [BASELINE] * 3 + [MEMBER, MEMBER, MEAN, VOTE]
+    assert [r.name for r in report.rows][3:5] == ["4/4/4", "4/4/8"]
+    assert [r.params for r in report.rows[:3]] == [2, 2, 15]
+    assert report.rows[5].params == report.rows[6].params == report.rows[3].params + report.rows[4].params
     assert report.folds == [0, 1, 2, 3] and report.held_out_fold == 0
     for row in report.rows:
         assert sorted(row.per_fold) == [0, 1, 2, 3]
         assert row.held_out == row.per_fold[0]
     with open(out / "ensemble.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert [t["kind"] for t in table] == [BASELINE, MEMBER, MEMBER, MEAN, VOTE]
+    assert [t["kind"] for t in table] == [BASELINE] * 3 + [MEMBER, MEMBER, MEAN, VOTE]
     assert {"accuracy_mean", "sensitivity_std", "f1_mean", "auc_std", "params", "delta_auc_low",
             "delta_accuracy_high", "held_out_accuracy"} <= table[0].keys()
     markdown = (out / "ensemble.md").read_text()
     assert "never saw fold 0" in markdown and "tie counts as malignant" in markdown
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert table_lines[1].startswith("| size baseline") and "reference" in table_lines[1]
-    assert len(table_lines) == 1 + 5 and all("±" in line for line in table_lines[1:])
+    assert table_lines[1].startswith("| size-image") and "reference" in table_lines[1]
+    assert len(table_lines) == 1 + 7 and all("±" in line for line in table_lines[1:])
 
 
 def test_ensembles_combine_the_members_predictions(ensemble, store):
@@ -202,7 +190,7 @@ def test_ensembles_combine_the_members_predictions(ensemble, store):
     by_kind = {r.kind: r for r in report.rows}
     np.testing.assert_allclose(by_kind[MEAN].probabilities, members.mean(axis=0))
     np.testing.assert_allclose(by_kind[VOTE].probabilities, (members >= 0.5).mean(axis=0))
-    np.testing.assert_allclose(report.rows[1].probabilities, members[0])
+    np.testing.assert_allclose(report.rows[3].probabilities, members[0])
     with open(out / "predictions.csv", newline="") as f:
         written = list(csv.DictReader(f))
     assert [w["id"] for w in written] == list(ids)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from naslung.data.folds import assign_folds
+from naslung.data.folds import assign_folds, one_fold_per_patient
 
 
 @st.composite
@@ -79,3 +79,28 @@ def test_impossible_fold_counts_are_refused(n_folds, match):
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="equal length"):
         assign_folds(["a", "b"], [0], 2, 0)
+
+
+def test_a_patient_with_series_in_two_luna16_subsets_lands_in_one_fold():
+    # LIDC-IDRI-0332 has two series in LUNA16; subsets split series, not patients.
+    patients = ["LIDC-IDRI-0332", "LIDC-IDRI-0332", "LIDC-IDRI-0332", "LIDC-IDRI-0001", "LIDC-IDRI-0003"]
+    subsets = [7, 2, 7, 2, 5]
+    assert one_fold_per_patient(patients, subsets).tolist() == [7, 7, 7, 2, 5]
+    assert one_fold_per_patient(patients[:2], subsets[:2]).tolist() == [2, 2]  # a tie: the lower
+
+
+def test_luna16_store_keeps_a_two_series_patient_in_one_fold(tmp_path):
+    from naslung.data.lidc import NoduleCrops, ScanRun, write_store
+
+    def part(patient, series, subset):
+        return NoduleCrops(rows=[{"id": f"{patient}-{series}-n1", "patient": patient, "label": 1,
+                                  "fold": subset}], crops=[np.zeros((4, 4, 4), np.int16)],
+                           masks=[np.zeros((4, 4, 4), bool)])
+
+    parts = [part("LIDC-IDRI-0332", "s1", 3), part("LIDC-IDRI-0332", "s2", 8),
+             part("LIDC-IDRI-0001", "s1", 8)]
+    store = write_store(tmp_path / "store", ScanRun(parts=parts, failed=[], warnings={}, reused=0),
+                        {}, 0, 10, {"source": "luna16"}, folds_given=True)
+    folds = dict(zip(store.column("id"), store.folds, strict=True))
+    assert folds["LIDC-IDRI-0332-s1-n1"] == folds["LIDC-IDRI-0332-s2-n1"] == 3
+    assert folds["LIDC-IDRI-0001-s1-n1"] == 8

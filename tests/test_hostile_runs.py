@@ -166,7 +166,8 @@ def test_an_untouched_journal_resumes(finished_search, sphere_store, tmp_path):
     assert search_main(["--data-dir", str(sphere_store.root), "--out", str(run), "--resume", *SEARCH]) == 0
 
     def front(run):
-        return [(f["arch"], f["accuracy"]) for f in json.loads((run / "pareto.json").read_text())["front"]]
+        pareto = json.loads((run / "pareto.json").read_text())
+        return [(f["arch"], f[pareto["metric"]]) for f in pareto["front"]]
 
     assert front(run) == front(finished_search)
 

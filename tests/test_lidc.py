@@ -93,6 +93,15 @@ def test_naslung_train_accepts_the_store(prepared, tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["folds"].keys() == {"0", "1"}
 
 
+def test_baselines_on_the_real_lidc_store_say_why_they_cannot_fit(prepared, tmp_path, capsys):
+    # The four real nodules are all malignant: no baseline can learn, and it says so.
+    code = main(["baselines", "--data-dir", str(prepared.store.root), "--out", str(tmp_path / "b"),
+                 "--no-progress"])
+    assert code == 2
+    assert "only malignant nodules" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "results.md").exists()
+
+
 def test_luna16_mhd_gives_the_same_crop(prepared, shared_lidc, tmp_path):
     import SimpleITK as sitk
 

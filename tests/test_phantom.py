@@ -6,17 +6,24 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from naslung.data.annotations import lidc_scan_names
 from naslung.data.labels import RATINGS, LabelRule
 from naslung.data.phantom import (
+    AIR,
     CROP_SIZE,
+    FAT,
+    FLUID,
+    SOFT_TISSUE,
     SOURCE,
+    Appearance,
     _build_store,
     _render_scan,
     _ScanTask,
-    calcification_pattern,
+    majority_rating,
     nodule_rng,
+    noise_std_hu,
     prepare_phantom,
     render_nodule,
 )
@@ -144,19 +151,101 @@ def test_rendering_is_seeded_by_seed_and_nodule_only(built, scans):
     assert store.crops[index].tobytes() == once.crops[0].tobytes()
 
 
+def ball(radius: float) -> np.ndarray:
+    grid = np.indices((CROP_SIZE,) * 3) - (CROP_SIZE - 1) / 2
+    return (grid**2).sum(axis=0) <= radius**2
+
+
+def render(mask: np.ndarray, seed: int = 0, **ratings) -> np.ndarray:
+    return render_nodule(mask, Appearance(**ratings), nodule_rng(seed, "x"))
+
+
+def shell(mask: np.ndarray, inner: int, outer: int) -> np.ndarray:
+    return (ndimage.binary_dilation(mask, iterations=outer)
+            & ~ndimage.binary_dilation(mask, iterations=inner))
+
+
 def test_renderer_densities_follow_the_ratings():
-    mask = np.zeros((CROP_SIZE,) * 3, dtype=bool)
-    grid = np.indices(mask.shape) - (CROP_SIZE - 1) / 2
-    mask[(grid**2).sum(axis=0) <= 8**2] = True
-    mean_hu = {(texture, calcium): render_nodule(mask, texture, calcium,
-                                                 nodule_rng(0, "x"))[mask].mean()
+    mask = ball(8)
+    mean_hu = {(texture, calcium): render(mask, texture=texture, calcification=calcium)[mask].mean()
                for texture, calcium in [(1, 6), (3, 6), (5, 6), (5, 3)]}
     assert -700 < mean_hu[1, 6] < mean_hu[3, 6] < mean_hu[5, 6] < 100 < mean_hu[5, 3]
 
 
-def test_calcification_majority_ties_go_to_the_higher_code():
-    assert calcification_pattern([6, 3, 3, 3]) == 3
-    assert calcification_pattern([6, 6, 3, 3]) == 6
+def test_internal_structure_fills_the_core_with_its_density():
+    mask = ball(8)
+    core = ball(3)
+    core_hu = {kind: np.mean([render(mask, seed, internal_structure=kind)[core].mean()
+                              for seed in range(4)]) for kind in (SOFT_TISSUE, FLUID, FAT, AIR)}
+    assert core_hu[AIR] < -900 < -130 < core_hu[FAT] < -50 < core_hu[FLUID] < core_hu[SOFT_TISSUE]
+    assert -25 < core_hu[FLUID] < 35 and 10 < core_hu[SOFT_TISSUE] < 70
+
+
+def edge_width_mm(crop: np.ndarray) -> float:
+    """Distance over which the mean radial profile falls from 90 % to 10 % of its step."""
+    grid = np.indices(crop.shape) - (CROP_SIZE - 1) / 2
+    shell_of = np.rint(np.sqrt((grid**2).sum(axis=0))).astype(int)
+    radii = np.arange(1, 16)
+    profile = np.array([crop[shell_of == r].mean() for r in radii])
+    low, high = profile[-3:].mean(), profile[:4].mean()
+    level = np.minimum.accumulate((profile - low) / (high - low))  # monotone for interpolation
+    return float(np.interp(0.1, level[::-1], radii[::-1]) - np.interp(0.9, level[::-1], radii[::-1]))
+
+
+def test_a_poorly_defined_margin_is_a_wider_edge():
+    mask = ball(8)
+    widths = [np.mean([edge_width_mm(render(mask, seed, margin=m, slice_thickness_mm=1.0))
+                       for seed in range(3)]) for m in (1, 3, 5)]
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[0] - widths[2] > 1.5
+
+
+def test_spicules_grow_in_number_with_the_rating():
+    mask = ball(7)
+    around = shell(mask, 1, 8)
+    strand_voxels = [np.mean([(render(mask, seed, spiculation=s)[around] > -600).sum()
+                              for seed in range(6)]) for s in (1, 3, 5)]
+    assert strand_voxels[0] < strand_voxels[1] < strand_voxels[2]
+
+
+def test_lobulation_adds_tissue_beyond_the_consensus_shape():
+    mask = ball(7)
+    around = shell(mask, 1, 4)
+    tissue = [np.mean([(render(mask, seed, lobulation=lobes)[around] > -400).sum()
+                       for seed in range(4)]) for lobes in (1, 3, 5)]
+    assert tissue[0] + 20 < tissue[1] < tissue[2]
+
+
+def test_thick_slices_blur_along_z_and_thin_voxels_are_noisier():
+    mask = ball(8)
+    thick = render(mask, slice_thickness_mm=5.0, pixel_spacing_mm=0.7)
+    thin = render(mask, slice_thickness_mm=0.625, pixel_spacing_mm=0.7)
+    centre = CROP_SIZE // 2
+
+    def rise(profile: np.ndarray) -> int:  # voxels between 10 % and 90 % of the edge step
+        level = (profile - profile[:4].mean()) / (profile[centre - 2:centre + 2].mean() - profile[:4].mean())
+        return int(np.argmax(level > 0.9) - np.argmax(level > 0.1))
+
+    axial = thick[:, centre - 1:centre + 2, centre - 1:centre + 2].mean(axis=(1, 2))
+    in_plane = thick[centre - 1:centre + 2, centre - 1:centre + 2, :].mean(axis=(0, 1))
+    assert rise(axial) > rise(in_plane)
+    assert noise_std_hu(Appearance(slice_thickness_mm=0.625, pixel_spacing_mm=0.5)) > \
+        noise_std_hu(Appearance(slice_thickness_mm=2.5, pixel_spacing_mm=0.7))
+    lung = ~ndimage.binary_dilation(mask, iterations=6)
+    assert thin[lung].std() > 0  # rendered, not constant
+
+
+def test_rendering_a_nodule_is_deterministic():
+    mask = ball(6)
+    ratings = dict(texture=3.5, calcification=1, internal_structure=FAT, margin=2.0,
+                   lobulation=3.0, spiculation=4.0, slice_thickness_mm=2.5)
+    assert render(mask, 7, **ratings).tobytes() == render(mask, 7, **ratings).tobytes()
+    assert render(mask, 7, **ratings).tobytes() != render(mask, 8, **ratings).tobytes()
+
+
+def test_majority_rating_ties_go_to_the_higher_code():
+    assert majority_rating([6, 3, 3, 3]) == 3
+    assert majority_rating([6, 6, 3, 3]) == 6
 
 
 def test_folds_are_patient_disjoint(built):

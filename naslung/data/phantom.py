@@ -17,7 +17,9 @@ binary mask, is resampled trilinearly to 1 mm and thresholded at `CONSENSUS_LEVE
 column) = (z, y, x), 1 mm voxels; a nodule wider than the crop is cut at its border.
 
 Rendering (intensities in Hounsfield units; every random draw comes from a generator seeded
-by the build's seed and the nodule's id, so a crop does not depend on worker count or order):
+by the build's seed and the nodule's id, so a crop does not depend on worker count or order).
+Version 2 renders every rating the readers gave that an image can show, so that an image
+model can in principle see what the labelling radiologists saw, not only the size:
 
 * lung parenchyma `LUNG_HU` (-850), plus a spatially correlated tissue texture: white noise
   smoothed by a gaussian of sigma `TEXTURE_MM` (1.5 mm), scaled to std `TEXTURE_HU` (30);
@@ -25,10 +27,22 @@ by the build's seed and the nodule's id, so a crop does not depend on worker cou
 * `VESSEL_COUNT` (2 to 6) straight vessels at `VESSEL_HU` (+40), each a tube through a
   uniformly random point, in a uniformly random direction, of radius uniform in
   `VESSEL_RADIUS_MM` (0.5 to 2 mm), with a 1 mm linear edge;
-* the nodule, by the readers' mean texture rating t (1 non-solid/ground glass .. 5 solid):
-  the deepest fraction (t - 1) / 4 of its voxels (by distance to its edge) is a solid core at
-  `SOLID_HU` (+20), the rest ground glass at `GROUND_GLASS_HU` (-650): t = 1 is pure ground
-  glass, t = 3 part-solid with half the volume solid, t = 5 solid throughout;
+* the rendered nodule is the readers' 50 % consensus shape (the stored mask) plus, by the
+  readers' mean lobulation rating l (1 none .. 5 marked), round(l - 1) lobes: balls of radius
+  `LOBE_RADIUS` (0.35) x the nodule's equivalent-sphere radius centred on random surface
+  voxels; and, by the mean spiculation rating s (1 none .. 5 marked), round(`SPICULES_PER_STEP`
+  (3) x (s - 1)) spicules: straight strands from random surface voxels, pointing away from
+  the centroid (plus a gaussian jitter of std `SPICULE_JITTER` (0.3) per direction
+  component), of length uniform in `SPICULE_LENGTH_MM` (4 to 10 mm) and radius tapering
+  linearly from `SPICULE_RADIUS_MM` (1.5 mm) at the root to 0.3 mm at the tip, solid tissue;
+* the nodule's density, by the readers' mean texture rating t (1 non-solid/ground glass ..
+  5 solid): the deepest fraction (t - 1) / 4 of its voxels (by distance to its edge) is a
+  solid core at `SOLID_HU` (+40) with a heterogeneous texture (white noise smoothed by
+  `HETEROGENEITY_MM` (2 mm), std `HETEROGENEITY_HU` (25)), the rest ground glass at
+  `GROUND_GLASS_HU` (-650): t = 1 is pure ground glass, t = 5 solid throughout;
+* internal structure, by the readers' majority rating (ties to the higher code): 1 soft
+  tissue = as above; 2 fluid, 3 fat, 4 air = the deepest `INCLUSION_FRACTION` (0.3) of the
+  nodule's voxels at `FLUID_HU` (+5), `FAT_HU` (-90) or `CAVITY_HU` (-1000);
 * calcification, by the readers' majority calcification rating (ties go to the higher code,
   so a split vote with "absent" renders none), at one density per nodule uniform in
   `CALCIUM_HU` (+300 to +900), inside the nodule only: 1 popcorn = `POPCORN_BLOBS` (3 to 6)
@@ -36,11 +50,21 @@ by the build's seed and the nodule's id, so a crop does not depend on worker cou
   1 mm layers every `LAMINA_PERIOD_MM` (3 mm) of depth; 3 solid = the whole nodule;
   4 non-central = one blob of radius max(1 mm, `NON_CENTRAL_RADIUS` (0.4) x the nodule's
   greatest depth) centred in its outer half; 5 central = voxels deeper than `CENTRAL_DEPTH`
-  (0.6) x the greatest depth; 6 absent = none. The internal
-  structure rating (soft tissue, fluid, fat, air) is kept in the table but not rendered;
-* partial-volume blur: a gaussian of sigma uniform in `BLUR_MM` (0.6 to 1 mm) per nodule;
-* CT noise: white gaussian, std uniform in `NOISE_HU` (15 to 25 HU) per nodule;
+  (0.6) x the greatest depth; 6 absent = none;
+* margin, by the readers' mean margin rating m (1 poorly defined .. 5 sharp): the nodule's
+  occupancy is the rendered shape smoothed by a gaussian of sigma `MARGIN_MM_PER_STEP`
+  (0.5 mm) x (5 - m), blended between the lung and the nodule's own values (extended
+  outwards from its nearest voxel), so a poorly defined margin fades over ~2 mm and a sharp
+  one is a step;
+* the scanner: a gaussian point-spread function per axis of FWHM = the scan's slice
+  thickness along z and `PIXEL_PSF_FWHM` (1.5) pixels in-plane (FWHM / 2.355 = sigma, in
+  mm), and noise smoothed by the same per-axis sigma, renormalised to std
+  `NOISE_REFERENCE_HU` (20) x sqrt(`REFERENCE_VOXEL_MM3` (1.0) / voxel volume), clipped to
+  `NOISE_HU` (10 to 60): thin slices are sharper and noisier, as on a real scanner;
 * values rounded, clipped to `HU_RANGE` (-1024..3071) and stored as int16.
+
+The subtlety rating is about conspicuity in the whole scan and is not rendered; the
+sphericity rating is carried by the readers' own shape.
 
 `RENDERER_VERSION` changes whenever any of this does, so an old store is never reused.
 
@@ -77,7 +101,7 @@ from naslung.locking import lock_store
 from naslung.paths import default_phantom_dir
 
 SOURCE = "lidc-phantom"
-RENDERER_VERSION = 1
+RENDERER_VERSION = 2
 
 LUNG_HU = -850.0
 TEXTURE_HU = 30.0
@@ -85,19 +109,36 @@ TEXTURE_MM = 1.5
 VESSEL_COUNT = (2, 6)
 VESSEL_HU = 40.0
 VESSEL_RADIUS_MM = (0.5, 2.0)
+LOBE_RADIUS = 0.35
+SPICULES_PER_STEP = 3.0
+SPICULE_JITTER = 0.3
+SPICULE_LENGTH_MM = (4.0, 10.0)
+SPICULE_RADIUS_MM = (1.5, 0.3)
 GROUND_GLASS_HU = -650.0
-SOLID_HU = 20.0
+SOLID_HU = 40.0
+HETEROGENEITY_HU = 25.0
+HETEROGENEITY_MM = 2.0
+INCLUSION_FRACTION = 0.3
+FLUID_HU = 5.0
+FAT_HU = -90.0
+CAVITY_HU = -1000.0
 CALCIUM_HU = (300.0, 900.0)
 POPCORN_BLOBS = (3, 6)
 POPCORN_RADIUS_MM = (1.0, 2.5)
 LAMINA_PERIOD_MM = 3.0
 NON_CENTRAL_RADIUS = 0.4
 CENTRAL_DEPTH = 0.6
-BLUR_MM = (0.6, 1.0)
-NOISE_HU = (15.0, 25.0)
+MARGIN_MM_PER_STEP = 0.5
+PIXEL_PSF_FWHM = 1.5
+NOISE_REFERENCE_HU = 20.0
+REFERENCE_VOXEL_MM3 = 1.0
+NOISE_HU = (10.0, 60.0)
 HU_RANGE = (-1024, 3071)
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 POPCORN, LAMINATED, SOLID, NON_CENTRAL, CENTRAL, ABSENT = 1, 2, 3, 4, 5, 6
+SOFT_TISSUE, FLUID, FAT, AIR = 1, 2, 3, 4
+INCLUSION_HU = {FLUID: FLUID_HU, FAT: FAT_HU, AIR: CAVITY_HU}
 
 log = logging.getLogger(__name__)
 
@@ -132,25 +173,81 @@ def prepare_phantom(data_dir: Path | None = None, *, limit: int | None = None,
         return _build_store(root, tasks, parameters, workers=workers, progress=progress)
 
 
-def render_nodule(mask: np.ndarray, texture: float, calcification: int,
-                  rng: np.random.Generator) -> np.ndarray:
-    """A CT cube (int16 HU) around a nodule of this 1 mm ``mask``, mean texture rating and
-    calcification pattern, drawn from ``rng`` as the module documentation describes."""
+@dataclass(frozen=True)
+class Appearance:
+    """What the renderer paints for one nodule: its readers' ratings and its scan's voxel size."""
+
+    texture: float = 5.0
+    calcification: int = ABSENT
+    internal_structure: int = SOFT_TISSUE
+    margin: float = 5.0
+    lobulation: float = 1.0
+    spiculation: float = 1.0
+    slice_thickness_mm: float = 1.0
+    pixel_spacing_mm: float = 0.7
+
+    @classmethod
+    def of(cls, readers: Sequence[dict[str, int]], slice_thickness_mm: float,
+           pixel_spacing_mm: float) -> Appearance:
+        """Means of the graded ratings, majorities of the categorical ones (see the module)."""
+        def mean(name: str) -> float:
+            return float(np.mean([r[name] for r in readers]))
+
+        return cls(mean("texture"), majority_rating([r["calcification"] for r in readers]),
+                   majority_rating([r["internalStructure"] for r in readers]), mean("margin"),
+                   mean("lobulation"), mean("spiculation"), float(slice_thickness_mm),
+                   float(pixel_spacing_mm))
+
+
+def render_nodule(mask: np.ndarray, appearance: Appearance, rng: np.random.Generator) -> np.ndarray:
+    """A CT cube (int16 HU) around a nodule of this 1 mm ``mask`` with this ``appearance``,
+    drawn from ``rng`` as the module documentation describes."""
     shape = mask.shape
     grid = np.indices(shape, dtype=np.float32).reshape(3, -1).T
     texture_field = _correlated_noise(rng, shape, TEXTURE_MM) * TEXTURE_HU
-    hu = LUNG_HU + _vessels(rng, grid, shape) * (VESSEL_HU - LUNG_HU)
-    depth = ndimage.distance_transform_edt(mask)
-    hu[mask] = np.where(_solid_core(depth, mask, texture), SOLID_HU, GROUND_GLASS_HU)
-    calcium = _calcium(depth, mask, calcification, rng, grid)
-    hu[calcium] = rng.uniform(*CALCIUM_HU)
-    hu = ndimage.gaussian_filter(hu + texture_field, rng.uniform(*BLUR_MM))
-    hu += rng.normal(0.0, rng.uniform(*NOISE_HU), shape)
+    background = LUNG_HU + _vessels(rng, grid, shape) * (VESSEL_HU - LUNG_HU)
+    shape_mask = mask | _lobes(mask, appearance.lobulation, rng, grid)
+    spicules = _spicules(mask, appearance.spiculation, rng, grid)
+    depth = ndimage.distance_transform_edt(shape_mask)
+    values = np.full(shape, GROUND_GLASS_HU)
+    solid = np.zeros(shape, dtype=bool)
+    solid[shape_mask] = _deepest(depth, shape_mask, (appearance.texture - 1) / 4)
+    heterogeneity = _correlated_noise(rng, shape, HETEROGENEITY_MM) * HETEROGENEITY_HU
+    values[solid] = SOLID_HU + heterogeneity[solid]
+    if appearance.internal_structure in INCLUSION_HU:
+        inclusion = np.zeros(shape, dtype=bool)
+        inclusion[shape_mask] = _deepest(depth, shape_mask, INCLUSION_FRACTION)
+        values[inclusion] = INCLUSION_HU[appearance.internal_structure]
+    calcium = _calcium(depth, shape_mask, appearance.calcification, rng, grid)
+    values[calcium] = rng.uniform(*CALCIUM_HU)
+    values[spicules & ~shape_mask] = SOLID_HU
+    values = _extend_outwards(values, shape_mask | spicules)
+    occupancy = np.maximum(shape_mask, spicules).astype(np.float64)
+    margin_sigma = MARGIN_MM_PER_STEP * max(0.0, 5.0 - appearance.margin)
+    if margin_sigma > 0:
+        occupancy = ndimage.gaussian_filter(occupancy, margin_sigma)
+    hu = background * (1 - occupancy) + values * occupancy + texture_field
+    psf = scanner_sigma_mm(appearance)
+    hu = ndimage.gaussian_filter(hu, psf)
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), psf)
+    hu += noise / noise.std() * noise_std_hu(appearance)
     return np.clip(np.rint(hu), *HU_RANGE).astype(np.int16)
 
 
-def calcification_pattern(ratings: Sequence[int]) -> int:
-    """The readers' majority calcification rating; ties go to the higher code."""
+def scanner_sigma_mm(appearance: Appearance) -> tuple[float, float, float]:
+    """Per-axis (z, y, x) sigma of the scanner's point-spread function, in mm (= voxels)."""
+    in_plane = PIXEL_PSF_FWHM * appearance.pixel_spacing_mm / FWHM_PER_SIGMA
+    return (appearance.slice_thickness_mm / FWHM_PER_SIGMA, in_plane, in_plane)
+
+
+def noise_std_hu(appearance: Appearance) -> float:
+    """Noise std for the scan's voxel size: quantum noise grows as 1/sqrt(voxel volume)."""
+    volume = appearance.slice_thickness_mm * appearance.pixel_spacing_mm ** 2
+    return float(np.clip(NOISE_REFERENCE_HU * np.sqrt(REFERENCE_VOXEL_MM3 / volume), *NOISE_HU))
+
+
+def majority_rating(ratings: Sequence[int]) -> int:
+    """The readers' most frequent rating; ties go to the higher code."""
     values, counts = np.unique(np.asarray(ratings), return_counts=True)
     return int(values[counts == counts.max()].max())
 
@@ -240,9 +337,8 @@ def _render_scan(task: _ScanTask) -> _ScanResult:
         nodule_id = f"{task.name}-n{nodule.number}"
         fraction = np.moveaxis(consensus_fraction(nodule.annotations)[0], 2, 0)  # (slice, row, col)
         mask = consensus_mask(fraction, centred_grid(consensus_centre(fraction), spacing))
-        crop = render_nodule(mask, nodule.rating_mean("texture"),
-                             calcification_pattern([r["calcification"] for r in nodule.readers]),
-                             nodule_rng(task.seed, nodule_id))
+        appearance = Appearance.of(nodule.readers, scan.slice_thickness, scan.pixel_spacing)
+        crop = render_nodule(mask, appearance, nodule_rng(task.seed, nodule_id))
         result.rows.append(nodule.row(nodule_id, scan))
         result.crops.append(crop)
         result.masks.append(mask)
@@ -274,13 +370,63 @@ def _vessels(rng: np.random.Generator, grid: np.ndarray, shape: tuple[int, ...])
     return occupancy.reshape(shape).astype(np.float64)
 
 
-def _solid_core(depth: np.ndarray, mask: np.ndarray, texture: float) -> np.ndarray:
-    """Which nodule voxels (in ``mask`` order) are solid: the deepest (t - 1) / 4 of them."""
+def _deepest(depth: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndarray:
+    """Which voxels of ``mask`` (in ``mask`` order) are its deepest ``fraction`` by depth."""
     inside = depth[mask]
-    n_solid = round(float(np.clip((texture - 1) / 4, 0, 1)) * inside.size)
-    solid = np.zeros(inside.size, dtype=bool)
-    solid[np.argsort(-inside, kind="stable")[:n_solid]] = True
-    return solid
+    n_deep = round(float(np.clip(fraction, 0, 1)) * inside.size)
+    deep = np.zeros(inside.size, dtype=bool)
+    deep[np.argsort(-inside, kind="stable")[:n_deep]] = True
+    return deep
+
+
+def _surface_voxels(mask: np.ndarray) -> np.ndarray:
+    """Flat indices of the mask's voxels that touch its outside."""
+    return np.flatnonzero(mask & ~ndimage.binary_erosion(mask))
+
+
+def _lobes(mask: np.ndarray, rating: float, rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
+    """Balls on the surface, round(rating - 1) of them (see the module documentation)."""
+    lobes = np.zeros(mask.shape, dtype=bool)
+    surface = _surface_voxels(mask)
+    n_lobes = round(max(0.0, rating - 1))
+    if n_lobes == 0 or surface.size == 0:
+        return lobes
+    radius = LOBE_RADIUS * (3 * mask.sum() / (4 * np.pi)) ** (1 / 3)
+    for centre in rng.choice(surface, n_lobes):
+        lobes |= (((grid - grid[centre]) ** 2).sum(axis=1) <= radius * radius).reshape(mask.shape)
+    return lobes
+
+
+def _spicules(mask: np.ndarray, rating: float, rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
+    """Tapered strands from the surface outwards, round(3 (rating - 1)) of them."""
+    spicules = np.zeros(len(grid), dtype=bool)
+    surface = _surface_voxels(mask)
+    n_spicules = round(SPICULES_PER_STEP * max(0.0, rating - 1))
+    if n_spicules == 0 or surface.size == 0:
+        return spicules.reshape(mask.shape)
+    centroid = grid[np.flatnonzero(mask)].mean(axis=0)
+    root_radius, tip_radius = SPICULE_RADIUS_MM
+    for root in rng.choice(surface, n_spicules):
+        direction = grid[root] - centroid
+        direction = direction / max(float(np.linalg.norm(direction)), 1e-6)
+        direction = direction + rng.normal(0.0, SPICULE_JITTER, 3)
+        direction /= np.linalg.norm(direction)
+        length = rng.uniform(*SPICULE_LENGTH_MM)
+        offset = grid - grid[root]
+        along = offset @ direction.astype(np.float32)
+        distance = np.sqrt(np.maximum((offset * offset).sum(axis=1) - along * along, 0))
+        radius = root_radius + (tip_radius - root_radius) * np.clip(along / length, 0, 1)
+        spicules |= (along >= 0) & (along <= length) & (distance <= radius)
+    return spicules.reshape(mask.shape)
+
+
+def _extend_outwards(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """``values`` inside, and outside each voxel's nearest inside value: what a blurred edge
+    blends the lung with."""
+    if not inside.any():
+        return values
+    nearest = ndimage.distance_transform_edt(~inside, return_distances=False, return_indices=True)
+    return values[tuple(nearest)]
 
 
 def _calcium(depth: np.ndarray, mask: np.ndarray, pattern: int, rng: np.random.Generator,

@@ -178,8 +178,10 @@ def make_head(kind: str, in_features: int, num_classes: int = 2) -> nn.Module:
     raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEAD_KINDS)}")
 
 
-def make_loss(head: nn.Module) -> nn.Module:
-    """The training loss that belongs to ``head``: `AngleLoss` or cross-entropy."""
-    if isinstance(head, AngleLinear):
+def make_loss(head: nn.Module, margin: bool = True) -> nn.Module:
+    """The training loss that belongs to ``head``: `AngleLoss` for the A-Softmax head with its
+    ``margin``, else cross-entropy (on the A-Softmax head's normalised logits without margin,
+    which is what the original code trained, its target mask never being set)."""
+    if isinstance(head, AngleLinear) and margin:
         return AngleLoss(head)
     return nn.CrossEntropyLoss()

@@ -15,8 +15,9 @@ import torch
 from rich.progress import Progress
 
 from naslung.arch import Arch
+from naslung.data.folds import FoldSplit
 from naslung.data.store import CropStore
-from naslung.train.trainer import FoldSplit, TrainConfig, prefer_channels_last, train_fold, volumes_on_device
+from naslung.train.trainer import TrainConfig, prefer_channels_last, train_fold, volumes_on_device
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class TrialResult:
     normalisation: dict[str, float]
     train_config: TrainConfig
     device: str
+    history: list[dict[str, Any]]
+    """Per-epoch training loss and validation metrics (the search's score is made from them)."""
 
 
 _volumes: dict[tuple, torch.Tensor] = {}
@@ -80,4 +83,4 @@ def run_trial(trial: Trial, data: TrialData, device: torch.device,
     result = train_fold(volumes, labels, split, cfg, progress, score_test=False)
     state = {name: tensor.detach().cpu() for name, tensor in result.model.state_dict().items()}
     return TrialResult(result.val_metrics, result.best_epoch, time.perf_counter() - started, state,
-                       result.normalisation.to_dict(), cfg, str(device))
+                       result.normalisation.to_dict(), cfg, str(device), result.history)

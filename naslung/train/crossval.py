@@ -18,19 +18,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from naslung.console import console
+from naslung.data.folds import FoldSplit
 from naslung.data.store import CropStore
 from naslung.fileio import write_json, write_text
 from naslung.train.checkpoint import META_FILE, save_checkpoint
 from naslung.train.metrics import summarise
-from naslung.train.trainer import FoldSplit, TrainConfig, train_fold, volumes_on_device
+from naslung.train.trainer import TrainConfig, train_fold, volumes_on_device
 from naslung.versions import versions
 
 
@@ -76,6 +79,25 @@ def _check_run_dir(run_dir: Path, train: dict, store_sha256: str) -> None:
         if path.is_file() and not _same_run(_read_json(path), train, store_sha256):
             raise RunError(f"{run_dir} holds a run with another config or store ({path}); "
                            "choose another --out or delete it")
+
+
+def read_predictions(run_dir: Path, ids: np.ndarray) -> np.ndarray:
+    """A run's out-of-fold probabilities by store nodule id, from its folds' predictions.csv;
+    NaN for nodules of folds it has not tested."""
+    index = {nodule_id: i for i, nodule_id in enumerate(ids)}
+    probabilities = np.full(len(ids), np.nan)
+    for path in sorted(Path(run_dir).glob("fold*/predictions.csv")):
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            for row in rows:
+                i = index.get(row["id"])
+                if i is None or not math.isnan(probabilities[i]):
+                    raise RunError(f"{path}: nodule {row['id']!r} is not in the store or predicted twice")
+                probabilities[i] = float(row["probability"])
+        except (OSError, KeyError, ValueError) as err:
+            raise RunError(f"{path} is unreadable ({err!r})") from err
+    return probabilities
 
 
 def _finished_folds(run_dir: Path) -> dict[int, dict]:
@@ -127,12 +149,16 @@ def cross_validate(store: CropStore, cfg: TrainConfig, run_dir: str | os.PathLik
                 "val_metrics": result.val_metrics, "test_metrics": result.test_metrics,
                 "train_config": cfg.to_dict(), "store_sha256": store.fingerprint,
                 "seconds": result.seconds, "n_train": len(split.train), "versions": versions(),
+                "train_format": {"precision": result.train_format.precision,
+                                 "channels_last": result.train_format.channels_last},
             })
             finished[fold] = m = result.test_metrics
             progress.console.print(
                 f"fold {fold}: acc {m['accuracy']:.3f}  sens {m['sensitivity']:.3f}  "
                 f"spec {m['specificity']:.3f}  f1 {m['f1']:.3f}  auc {m['auc']:.3f}  "
-                f"(n={m['n']}, epoch {result.best_epoch + 1} kept, {result.seconds:.0f} s)")
+                f"(n={m['n']}, epoch {result.best_epoch + 1} kept, {result.seconds:.0f} s, "
+                f"{result.train_format.precision}"
+                f"{' channels_last_3d' if result.train_format.channels_last else ''})")
     # The summary covers every finished fold of the run, from this call or earlier ones.
     summary = summarise([finished[f] for f in sorted(finished)])
     write_json(run_dir / "metrics.json", {"folds": {str(f): finished[f] for f in sorted(finished)},

@@ -2,7 +2,7 @@
 
 The paper's final model is a majority vote of searched architectures. Here each chosen arch is
 cross-validated on every patient-level fold, and the members' out-of-fold test probabilities
-are combined per nodule, so members, ensembles and the size-only baseline are scored on the
+are combined per nodule, so members, ensembles and the baselines are scored on the
 same test folds and compared pairwise (bootstrap over patients) rather than by their means.
 
 Outputs in ``out_dir``::
@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,35 +31,30 @@ from naslung.console import console
 from naslung.data.augment import AIR_HU, HU_WINDOW
 from naslung.data.store import CropStore
 from naslung.fileio import write_text
-from naslung.train.baseline import size_baseline_predictions
-from naslung.train.crossval import cross_validate
+from naslung.train.baselines import BASELINE_NAMES, run_baselines
+from naslung.train.comparison import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    THRESHOLD,
+    Difference,
+    fmt,
+    paired_differences,
+    patient_bootstrap_weights,
+)
+from naslung.train.crossval import RunError, cross_validate, read_predictions
 from naslung.train.metrics import METRIC_NAMES, binary_metrics, summarise
 from naslung.train.trainer import TrainConfig, prefer_channels_last
 
-THRESHOLD = 0.5
-"""Every row, members and ensembles alike, calls a nodule malignant at probability >= 0.5:
-no threshold is tuned, so no test fold can leak into one."""
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
 SEARCH_SETTINGS = ("lr", "batch_size", "head", "cbam")
 """Training settings a member inherits from the search that found it (its score was earned
 with them); ``train_overrides`` still win."""
 BASELINE, MEMBER, MEAN, VOTE = "baseline", "member", "mean", "vote"
-ROW_NAMES = {BASELINE: "size baseline (logistic, log diameter)", MEAN: "mean-probability ensemble",
+ROW_NAMES = {MEAN: "mean-probability ensemble",
              VOTE: "majority-vote ensemble"}
 
 
 class EnsembleError(ValueError):
     """A search run directory or request the ensemble cannot be built from."""
-
-
-@dataclass(frozen=True)
-class Difference:
-    """A row's metric minus the baseline's on the pooled predictions, with a 95 % interval."""
-
-    estimate: float
-    low: float
-    high: float
 
 
 @dataclass
@@ -139,17 +133,11 @@ def member_config(arch: str, store: CropStore, device: torch.device, epochs: int
 
 
 def read_member_predictions(run_dir: Path, ids: np.ndarray) -> np.ndarray:
-    """Out-of-fold probabilities of one member, from its folds' predictions.csv, by nodule id."""
-    index = {nodule_id: i for i, nodule_id in enumerate(ids)}
-    probabilities = np.full(len(ids), np.nan)
-    for path in sorted(run_dir.glob("fold*/predictions.csv")):
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                i = index.get(row["id"])
-                if i is None or not math.isnan(probabilities[i]):
-                    raise EnsembleError(f"{path}: nodule {row['id']!r} is not in the store or "
-                                        "predicted twice")
-                probabilities[i] = float(row["probability"])
+    """Out-of-fold probabilities of one member, which must cover every nodule of the store."""
+    try:
+        probabilities = read_predictions(run_dir, ids)
+    except RunError as err:
+        raise EnsembleError(str(err)) from err
     missing = int(np.isnan(probabilities).sum())
     if missing:
         raise EnsembleError(f"{run_dir}: {missing} nodule(s) have no out-of-fold prediction")
@@ -162,57 +150,8 @@ def majority_vote(member_probabilities: np.ndarray) -> np.ndarray:
     return (np.asarray(member_probabilities) >= THRESHOLD).mean(axis=0)
 
 
-def patient_bootstrap_weights(patients: np.ndarray, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, N) counts of how often each nodule's patient was drawn: patients resampled
-    with replacement, so nodules of one patient stay together as the folds keep them."""
-    unique, codes = np.unique(patients, return_inverse=True)
-    n_patients = len(unique)
-    draws = np.random.default_rng(seed).integers(0, n_patients, (resamples, n_patients))
-    flat = (draws + n_patients * np.arange(resamples)[:, None]).ravel()
-    counts = np.bincount(flat, minlength=resamples * n_patients).reshape(resamples, n_patients)
-    return counts[:, codes].astype(np.float64)
-
-
-def weighted_accuracy(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Accuracy at the 0.5 threshold under each row of nodule weights."""
-    correct = (probabilities >= THRESHOLD) == labels.astype(bool)
-    return (weights * correct).sum(axis=1) / weights.sum(axis=1)
-
-
-def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC-AUC (ties count half) under each row of nodule weights; NaN where a class is absent."""
-    order = np.argsort(scores, kind="stable")
-    sorted_scores, positive = scores[order], labels[order].astype(bool)
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    w = weights[:, order]
-    pos = np.add.reduceat(w * positive, starts, axis=1)
-    neg = np.add.reduceat(w * ~positive, starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
-
-
-def paired_differences(labels: np.ndarray, probabilities: np.ndarray, baseline: np.ndarray,
-                       weights: np.ndarray) -> tuple[Difference, Difference]:
-    """Accuracy and AUC of ``probabilities`` minus those of ``baseline``, each with the 2.5 and
-    97.5 percentiles of the difference over the bootstrap resamples in ``weights``."""
-    ones = np.ones((1, len(labels)))
-    differences = []
-    for score in (weighted_accuracy, weighted_auc):
-        estimate = float(score(labels, probabilities, ones)[0] - score(labels, baseline, ones)[0])
-        resampled = score(labels, probabilities, weights) - score(labels, baseline, weights)
-        low, high = np.nanpercentile(resampled, [2.5, 97.5])
-        differences.append(Difference(estimate, float(low), float(high)))
-    return differences[0], differences[1]
-
-
-def _fmt(value: float, signed: bool = False) -> str:
-    return "—" if math.isnan(value) else f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def _fmt_difference(d: Difference | None) -> str:
-    return "reference" if d is None else (f"{_fmt(d.estimate, True)} [{_fmt(d.low, True)}, "
-                                          f"{_fmt(d.high, True)}]")
+def fmt_difference(d: Difference | None) -> str:
+    return "reference" if d is None else str(d)
 
 
 def format_markdown(report: EnsembleReport, store: CropStore, search_dir: Path, epochs: int) -> str:
@@ -227,11 +166,13 @@ def format_markdown(report: EnsembleReport, store: CropStore, search_dir: Path, 
         f"{len(np.unique(store.patients))} patients): for every test fold, one model trained on the "
         f"other folds with the epoch kept on a validation fold, then the test fold scored once. "
         f"The ensembles combine the members' out-of-fold probabilities per nodule: the mean, and "
-        f"the fraction of members voting malignant (a tie counts as malignant). The size baseline "
-        f"is a logistic regression on log(diameter) fitted on the same training folds. Every row "
+        f"the fraction of members voting malignant (a tie counts as malignant). The baselines "
+        f"(`naslung baselines`) are logistic regressions fitted on the same training folds, with "
+        f"any choice made on the same validation fold. Every row "
         f"calls malignant at probability >= {THRESHOLD}, and no test-fold result chose an "
         f"architecture, an epoch or a threshold. Metrics are mean ± std over the test folds; "
-        f"Δ columns are the pooled out-of-fold difference to the size baseline with a 95 % "
+        f"Δ columns are the pooled out-of-fold difference to {BASELINE_NAMES['size-image']} "
+        f"(the size the CNN can see) with a 95 % "
         f"interval from {BOOTSTRAP_RESAMPLES:,} resamples of patients (seed {BOOTSTRAP_SEED}). "
         f"The store's files were checked before training ({store.verified}). "
         + (f"The search itself never saw fold {held}; the other folds trained or validated its "
@@ -246,10 +187,10 @@ def format_markdown(report: EnsembleReport, store: CropStore, search_dir: Path, 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
     for row in report.rows:
         cells = [row.name, f"{row.params:,}",
-                 *(f"{_fmt(row.summary[m]['mean'])} ± {_fmt(row.summary[m]['std'])}" for m in METRIC_NAMES),
-                 _fmt_difference(row.delta_accuracy), _fmt_difference(row.delta_auc)]
+                 *(f"{fmt(row.summary[m]['mean'])} ± {fmt(row.summary[m]['std'])}" for m in METRIC_NAMES),
+                 fmt_difference(row.delta_accuracy), fmt_difference(row.delta_auc)]
         if row.held_out is not None:
-            cells += [_fmt(row.held_out["accuracy"]), _fmt(row.held_out["auc"])]
+            cells += [fmt(row.held_out["accuracy"]), fmt(row.held_out["auc"])]
         lines.append("| " + " | ".join(cells) + " |")
     return header + "\n" + "\n".join(lines) + "\n"
 
@@ -283,7 +224,7 @@ def run_ensemble(search_dir: Path, store: CropStore, out_dir: Path, device: torc
                  epochs: int = 20, train_overrides: dict[str, Any] | None = None,
                  show_progress: bool = True) -> EnsembleReport:
     """Cross-validate the ``top`` archs of the search in ``search_dir`` on every fold of
-    ``store``, ensemble them, and write the table beside the size baseline into ``out_dir``."""
+    ``store``, ensemble them, and write the table beside the baselines into ``out_dir``."""
     search_dir, out_dir = Path(search_dir), Path(out_dir)
     pareto = read_pareto(search_dir)
     archs = choose_archs(pareto, top)
@@ -297,7 +238,7 @@ def run_ensemble(search_dir: Path, store: CropStore, out_dir: Path, device: torc
         raise EnsembleError(f"the search held out fold {held_out_fold}, which {store.root} does not "
                             "have: was it searched on another store?")
     ids, patients = store.column("id"), store.patients
-    baseline_probs = size_baseline_predictions(store)  # before training: a bad table fails fast
+    baselines = run_baselines(store, folds, configs[0].crop)  # before training: bad data fails fast
 
     members = []
     for k, cfg in enumerate(configs, 1):
@@ -315,16 +256,17 @@ def run_ensemble(search_dir: Path, store: CropStore, out_dir: Path, device: torc
         return EnsembleRow(name, kind, n_params, probabilities, per_fold,
                            summarise(list(per_fold.values())), per_fold.get(held_out_fold), None, None)
 
-    baseline = row(ROW_NAMES[BASELINE], BASELINE, 2, baseline_probs)
-    rows = [baseline,
+    rows = [*(row(BASELINE_NAMES[b.name], BASELINE, b.n_coefficients, b.probabilities)
+              for b in baselines),
             *(row(cfg.arch, MEMBER, p, probs) for cfg, p, probs in zip(configs, params, member_probs,
                                                                          strict=True)),
             row(ROW_NAMES[MEAN], MEAN, sum(params), member_probs.mean(axis=0)),
             row(ROW_NAMES[VOTE], VOTE, sum(params), majority_vote(member_probs))]
     weights = patient_bootstrap_weights(patients, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+    reference = rows[0]  # size-image
     for r in rows[1:]:
         r.delta_accuracy, r.delta_auc = paired_differences(store.labels, r.probabilities,
-                                                           baseline.probabilities, weights)
+                                                           reference.probabilities, weights)
 
     report = EnsembleReport(out_dir, archs, folds, held_out_fold, rows)
     write_text(out_dir / "predictions.csv", _csv_text([

@@ -26,9 +26,11 @@ ZERO_STATE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-               x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Forward, loss, backward and optimizer step; the gradients must be None or zero before."""
-    loss = loss_fn(model(x), y)
+               x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Forward, loss, backward and optimizer step; the gradients must be None or zero before.
+    With ``autocast_dtype`` the forward pass and loss run under autocast (fp32 master weights)."""
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = loss_fn(model(x), y)
     loss.backward()
     optimizer.step()
     return loss
@@ -186,17 +188,22 @@ class TrainStep:
     `CapturedTrainStep` captured on the first batch and replayed for every batch of its shape."""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, autocast_dtype: torch.dtype | None = None) -> None:
         if cuda_graphs:
             require_capturable(optimizer)
+            if autocast_dtype is not None:
+                raise ValueError("a captured CUDA-graph step runs in fp32: drop --cuda-graphs or "
+                                 "train with --precision fp32")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.cuda_graphs = cuda_graphs
+        self.autocast_dtype = autocast_dtype
         self.captured: CapturedTrainStep | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.cuda_graphs:
             self.optimizer.zero_grad(set_to_none=True)
-            return train_step(self.model, self.loss_fn, self.optimizer, x, y).detach()
+            return train_step(self.model, self.loss_fn, self.optimizer, x, y,
+                              self.autocast_dtype).detach()
         if self.captured is None:
             self.captured = CapturedTrainStep(self.model, self.loss_fn, self.optimizer, x, y)
         return self.captured(x, y)

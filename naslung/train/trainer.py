@@ -17,11 +17,14 @@ from rich.progress import Progress
 
 from naslung.arch import Arch
 from naslung.data.augment import AIR_HU, HU_WINDOW, Augmenter, Normalisation, centre_crop, pad_volumes
+from naslung.data.folds import FoldSplit
 from naslung.kernels.runtime import on_tensor_device
 from naslung.models import ConvRes, make_loss
 from naslung.models.fused import KERNEL_CHOICES, fuse, resolve_kernels
+from naslung.train.formats import PRECISIONS, TrainFormat, choose_format
 from naslung.train.graphs import TrainStep
 from naslung.train.metrics import binary_metrics
+from naslung.train.schedule import SCHEDULES, learning_rate
 
 SELECT_METRICS = ("auc", "accuracy")
 CHANNELS_LAST_MIN_GFLOPS = 0.5
@@ -39,6 +42,10 @@ class TrainConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     head: str = "asoftmax"
+    margin: bool = True
+    """With the A-Softmax head: train with its margin (A-Softmax), or (False) plain
+    cross-entropy on its normalised logits, as the original code shipped (``--loss original``)."""
+    schedule: str = "constant"
     cbam: str = "nas-lung"
     crop: int = 32
     shift: int = 4
@@ -48,7 +55,10 @@ class TrainConfig:
     select: str = "auc"
     patience: int | None = None
     seed: int = 0
-    channels_last: bool = False
+    channels_last: bool | None = False
+    """None: the faster layout on this machine, measured (`naslung.train.formats`)."""
+    precision: str = "fp32"
+    """fp32, bf16 (autocast, fp32 master weights) or auto (measured, see formats)."""
     kernels: str = "auto"
     cuda_graphs: bool = False
 
@@ -66,42 +76,15 @@ class TrainConfig:
             raise ValueError(f"the seed must lie in 0..2**32-1, got {self.seed}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 epoch, got {self.patience}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNEL_CHOICES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class FoldSplit:
-    """Indices of one split: test = fold k, validation = fold k+1 (mod n), train = the rest.
-
-    A store with only two folds (too few patients for three) has no separate validation fold:
-    the epoch is then picked on the training crops, ``val_fold`` is -1, and the test fold is
-    still never looked at before the final score.
-    """
-
-    test_fold: int
-    val_fold: int
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-    @classmethod
-    def of(cls, folds: np.ndarray, test_fold: int, n_folds: int) -> FoldSplit:
-        if n_folds < 2:
-            raise ValueError(f"cross-validation needs >= 2 folds, the store has {n_folds}")
-        if not 0 <= test_fold < n_folds:
-            raise ValueError(f"fold {test_fold} is out of range 0..{n_folds - 1}")
-        val_fold = (test_fold + 1) % n_folds if n_folds > 2 else -1
-        test = np.flatnonzero(folds == test_fold)
-        train = np.flatnonzero((folds != test_fold) & (folds != val_fold))
-        val = np.flatnonzero(folds == val_fold) if val_fold >= 0 else train
-        for name, part in (("test", test), ("validation", val), ("training", train)):
-            if len(part) == 0:
-                raise ValueError(f"test fold {test_fold}: the {name} set is empty")
-        return cls(test_fold, val_fold, train, val, test)
 
 
 @dataclass
@@ -116,6 +99,7 @@ class FoldResult:
     test_probabilities: np.ndarray
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    train_format: TrainFormat = TrainFormat("fp32", False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -181,17 +165,22 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
     device = volumes.device
     if cfg.cuda_graphs and device.type != "cuda":
         raise ValueError("--cuda-graphs needs a CUDA device; drop it on the CPU")
-    torch.manual_seed(cfg.seed * 1_000 + split.test_fold)
+    train_format, _ = choose_format(cfg.arch, cfg.cbam, cfg.head, cfg.crop, cfg.batch_size,
+                                    cfg.precision, cfg.channels_last, device)
+    torch.manual_seed(cfg.seed * 1_000 + split.test_fold)  # the format's timing drew numbers
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000 + split.test_fold)
-    memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+    memory_format = train_format.memory_format
 
     model = ConvRes(Arch.parse(cfg.arch), cbam=cfg.cbam, head=cfg.head)
     if resolve_kernels(cfg.kernels, device) == "triton":
         model = fuse(model, inplace=True)
     model = model.to(device=device, memory_format=memory_format)
-    loss_fn = make_loss(model.head)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, capturable=cfg.cuda_graphs)
-    step = TrainStep(model, loss_fn, optimizer, cuda_graphs=cfg.cuda_graphs)
+    loss_fn = make_loss(model.head, cfg.margin)
+    # A captured step reads the rate from a tensor, so the schedule can change it between replays.
+    lr0 = torch.tensor(cfg.lr, device=device) if cfg.cuda_graphs else cfg.lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr0, betas=cfg.betas, capturable=cfg.cuda_graphs)
+    step = TrainStep(model, loss_fn, optimizer, cuda_graphs=cfg.cuda_graphs,
+                     autocast_dtype=train_format.autocast_dtype)
     augment = Augmenter(cfg.crop, cfg.shift, True, cfg.zero_out)
     train_idx = torch.from_numpy(split.train).to(device)
     normalisation = Normalisation.fit(volumes[train_idx], cfg.crop, *cfg.hu_window)
@@ -206,6 +195,12 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
         if progress:
             progress.reset(task, total=n_batches,
                            description=f"fold {split.test_fold} epoch {epoch + 1}/{cfg.epochs}")
+        lr = learning_rate(cfg.schedule, cfg.lr, epoch, cfg.epochs)
+        for group in optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):  # capturable Adam: the graph reads it
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         model.train()
         loss_fn.train()
         order = train_idx[torch.randperm(len(train_idx), generator=generator, device=device)]
@@ -219,9 +214,9 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
                 progress.advance(task)
         train_loss = loss_sum.item() / len(train_idx)
         val_prob = predict_proba(model, val_volumes, normalisation, cfg.crop,
-                                 channels_last=cfg.channels_last)
+                                 channels_last=train_format.channels_last)
         val_metrics = binary_metrics(val_labels, val_prob)
-        history.append({"epoch": epoch, "train_loss": train_loss,
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss,
                         **{f"val_{k}": v for k, v in val_metrics.items() if k != "confusion"}})
         score = selection_score(val_metrics, cfg.select)
         if progress:
@@ -238,10 +233,10 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
     if score_test:
         test_idx = torch.from_numpy(split.test).to(device)
         test_prob = predict_proba(model, volumes[test_idx], normalisation, cfg.crop,
-                                  channels_last=cfg.channels_last)
+                                  channels_last=train_format.channels_last)
         test_metrics = binary_metrics(labels[test_idx].cpu().numpy(), test_prob)
     if progress:
         progress.remove_task(task)
     return FoldResult(model.to(memory_format=torch.contiguous_format), normalisation,
                       best_epoch, best_val, test_metrics, test_prob, history,
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, train_format)

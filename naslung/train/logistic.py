@@ -1,15 +1,12 @@
-"""The size-only baseline: logistic regression of the label on log(diameter), cross-validated.
+"""Logistic regression by Newton's method (IRLS), with an L2 penalty on the slopes.
 
-In LIDC the malignancy ratings owe much to nodule size (DESIGN.md §4: diameter alone reaches
-AUC 0.905), so every CNN result is reported beside this two-parameter model, fitted on the
-same patient-level folds: a CNN that does not beat it has learned little beyond size.
+Small and exact enough for the baselines (`naslung.train.baselines`): a handful of features
+and about a thousand nodules, no scikit-learn needed.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from naslung.data.store import CropStore
 
 RIDGE = 1e-6
 """L2 penalty on the slopes (not the intercept): keeps the fit finite on separable data while
@@ -67,23 +64,3 @@ def predict_logistic(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     x = x[:, None] if x.ndim == 1 else x
     return 1.0 / (1.0 + np.exp(-(coefficients[0] + x @ coefficients[1:])))
-
-
-def size_baseline_predictions(store: CropStore) -> np.ndarray:
-    """Out-of-fold probability of malignancy of every nodule from log(diameter_mm) alone: for
-    each fold, a model fitted on all the other folds (patient-level, as the store's folds are)."""
-    try:
-        diameters = store.column("diameter_mm").astype(np.float64)
-    except ValueError as err:
-        raise ValueError(f"crop store {store.root}: diameter_mm must be numeric ({err})") from err
-    if not np.all(np.isfinite(diameters) & (diameters > 0)):
-        raise ValueError(f"crop store {store.root}: every diameter_mm must be a positive number")
-    x = np.log(diameters)
-    probabilities = np.full(len(store), np.nan)
-    for fold in np.unique(store.folds):
-        test = store.folds == fold
-        train = ~test
-        if len(np.unique(store.labels[train])) < 2:
-            raise ValueError(f"size baseline: the folds other than {fold} hold only one class")
-        probabilities[test] = predict_logistic(fit_logistic(x[train], store.labels[train]), x[test])
-    return probabilities
