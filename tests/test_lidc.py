@@ -89,7 +89,9 @@ def test_a_second_run_reuses_finished_series(prepared, shared_lidc):
 def test_naslung_train_accepts_the_store(prepared, tmp_path, capsys):
     assert main(["train", "--data-dir", str(prepared.store.root), "--arch", "4/4/4", "--epochs", "1",
                  "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
-    assert "2 patient-level folds" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 patient-level folds" in printed
+    assert "no baselines beside the CNN" in printed and "only malignant" in printed  # all 4 are
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["folds"].keys() == {"0", "1"}
 
 

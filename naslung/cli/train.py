@@ -110,8 +110,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
     _print_metrics(run.per_fold, run.summary, f"test-fold metrics ({out})")
     cnn = run_row(out, store, folds)
-    table = compare_with_baselines(store, folds, cfg.crop, out, [cnn],
-                                   f"{cnn.name} beside the baselines, test folds {folds} of {store.root}")
+    try:
+        table = compare_with_baselines(store, folds, cfg.crop, out, [cnn],
+                                       f"{cnn.name} beside the baselines, test folds {folds} of {store.root}")
+    except ValueError as err:  # e.g. a store of one class: the CNN's metrics still stand
+        console.print(f"[yellow]no baselines beside the CNN: {err}[/yellow]")
+        console.print(f"run written to {out}")
+        return 0
     console.print(Markdown(table))
     console.print(f"run written to {out} (results.md, roc.png, reliability.png: the CNN beside "
                   "the baselines)")
