@@ -127,6 +127,22 @@ PY
 }
 
 # run_step NAME CMD...: run CMD with the step's time limit, log it, record its exit status.
+run_bench_suite() {  # STEP SUITE BUDGET_VAR MARGIN_S PYTEST_ARGS...: a benchmark suite as a step
+    # The suite stops starting cases MARGIN_S before the step's limit and writes its JSON; a
+    # killed suite still leaves its progress file, which the report reads instead.
+    local step=$1 suite=$2 budget_var=$3 margin=$4 source_file
+    shift 4
+    export "$budget_var"=$(( $(limit_of "$step") - margin ))
+    rm -f "$RESULTS/$suite.json" "$RESULTS/$suite.progress.jsonl"
+    NASLUNG_BENCH_PROGRESS="$RESULTS/$suite.progress.jsonl" run_step "$step" \
+        "$PY" -m pytest "$@" -q -p no:cacheprovider \
+        --benchmark-json="$RESULTS/$suite.json" --junitxml="$RESULTS/$suite.xml"
+    source_file="$RESULTS/$suite.json"
+    [ -s "$source_file" ] || source_file="$RESULTS/$suite.progress.jsonl"
+    [ -s "$source_file" ] && "$PY" bench/report.py "$source_file" > "$RESULTS/$suite.md" 2>&1
+    write_summary
+}
+
 run_step() {
     local name=$1 limit started=$SECONDS rc
     limit=$(limit_of "$1")
@@ -308,30 +324,9 @@ if [ "$STAGE" = speed ]; then
     else
         skip_step precompile "no CUDA device or no Triton case"
     fi
-    BENCH_LIMIT=$(limit_of bench-gpu)
-    export NASLUNG_BENCH_GPU_BUDGET_S=$((BENCH_LIMIT - 45))  # stops starting cases, writes its JSON
-    rm -f "$RESULTS/bench_gpu.json" "$RESULTS/bench_gpu.progress.jsonl"
-    NASLUNG_BENCH_PROGRESS="$RESULTS/bench_gpu.progress.jsonl" run_step bench-gpu \
-        "$PY" -m pytest bench/test_bench_gpu.py -q -p no:cacheprovider \
-        --benchmark-json="$RESULTS/bench_gpu.json" --junitxml="$RESULTS/bench_gpu.xml"
-    for suite in bench_gpu; do
-        source_file="$RESULTS/$suite.json"
-        [ -s "$source_file" ] || source_file="$RESULTS/$suite.progress.jsonl"
-        [ -s "$source_file" ] && "$PY" bench/report.py "$source_file" > "$RESULTS/$suite.md" 2>&1
-    done
-    write_summary
-    EXPORT_LIMIT=$(limit_of bench-export)
-    export NASLUNG_BENCH_EXPORT_BUDGET_S=$((EXPORT_LIMIT - 30))
-    rm -f "$RESULTS/bench_export.json" "$RESULTS/bench_export.progress.jsonl"
-    NASLUNG_BENCH_PROGRESS="$RESULTS/bench_export.progress.jsonl" run_step bench-export \
-        "$PY" -m pytest bench/test_bench_export.py -m gpu -q -p no:cacheprovider \
-        --benchmark-json="$RESULTS/bench_export.json" --junitxml="$RESULTS/bench_export.xml"
-    for suite in bench_export; do
-        source_file="$RESULTS/$suite.json"
-        [ -s "$source_file" ] || source_file="$RESULTS/$suite.progress.jsonl"
-        [ -s "$source_file" ] && "$PY" bench/report.py "$source_file" > "$RESULTS/$suite.md" 2>&1
-    done
-    write_summary
+    run_bench_suite bench-gpu bench_gpu NASLUNG_BENCH_GPU_BUDGET_S 45 bench/test_bench_gpu.py
+    run_bench_suite bench-export bench_export NASLUNG_BENCH_EXPORT_BUDGET_S 30 \
+        bench/test_bench_export.py -m gpu
     if [ "$HAS_CUDA" = 1 ] && [ ! -s "$RESULTS/bench_gpu.md" ]; then
         FAILED+=("bench-gpu (no results although CUDA is available)")
     fi

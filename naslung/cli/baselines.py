@@ -34,8 +34,7 @@ def compare_with_baselines(store: CropStore, folds: list[int], crop: int, out_di
         pairs = [(b.name, SIZE_IMAGE) for b in baselines if b.name != SIZE_IMAGE]
     rows = [*models, *baselines]
     results = score_rows(store, folds, rows, pairs)
-    write_results(out_dir, store, results, rows, title)
-    return (out_dir / "results.md").read_text()
+    return write_results(out_dir, store, results, rows, title)
 
 
 def run_row(run_dir: Path, store: CropStore, folds: list[int]) -> Row:

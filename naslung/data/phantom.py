@@ -206,8 +206,9 @@ def render_nodule(mask: np.ndarray, appearance: Appearance, rng: np.random.Gener
     grid = np.indices(shape, dtype=np.float32).reshape(3, -1).T
     texture_field = _correlated_noise(rng, shape, TEXTURE_MM) * TEXTURE_HU
     background = LUNG_HU + _vessels(rng, grid, shape) * (VESSEL_HU - LUNG_HU)
-    shape_mask = mask | _lobes(mask, appearance.lobulation, rng, grid)
-    spicules = _spicules(mask, appearance.spiculation, rng, grid)
+    surface = _surface_voxels(mask)
+    shape_mask = mask | _lobes(mask, surface, appearance.lobulation, rng, grid)
+    spicules = _spicules(mask, surface, appearance.spiculation, rng, grid)
     depth = ndimage.distance_transform_edt(shape_mask)
     values = np.full(shape, GROUND_GLASS_HU)
     solid = np.zeros(shape, dtype=bool)
@@ -384,10 +385,10 @@ def _surface_voxels(mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mask & ~ndimage.binary_erosion(mask))
 
 
-def _lobes(mask: np.ndarray, rating: float, rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
-    """Balls on the surface, round(rating - 1) of them (see the module documentation)."""
+def _lobes(mask: np.ndarray, surface: np.ndarray, rating: float, rng: np.random.Generator,
+           grid: np.ndarray) -> np.ndarray:
+    """Balls on the ``surface`` voxels, round(rating - 1) of them (see the module documentation)."""
     lobes = np.zeros(mask.shape, dtype=bool)
-    surface = _surface_voxels(mask)
     n_lobes = round(max(0.0, rating - 1))
     if n_lobes == 0 or surface.size == 0:
         return lobes
@@ -397,10 +398,10 @@ def _lobes(mask: np.ndarray, rating: float, rng: np.random.Generator, grid: np.n
     return lobes
 
 
-def _spicules(mask: np.ndarray, rating: float, rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
-    """Tapered strands from the surface outwards, round(3 (rating - 1)) of them."""
+def _spicules(mask: np.ndarray, surface: np.ndarray, rating: float, rng: np.random.Generator,
+              grid: np.ndarray) -> np.ndarray:
+    """Tapered strands from the ``surface`` voxels outwards, round(3 (rating - 1)) of them."""
     spicules = np.zeros(len(grid), dtype=bool)
-    surface = _surface_voxels(mask)
     n_spicules = round(SPICULES_PER_STEP * max(0.0, rating - 1))
     if n_spicules == 0 or surface.size == 0:
         return spicules.reshape(mask.shape)

@@ -136,15 +136,17 @@ def reliability(labels: np.ndarray, probabilities: np.ndarray,
 
 
 def write_results(out_dir: Path, store: CropStore, results: Results, rows: Sequence[Row],
-                  title: str) -> None:
-    """``results.md``, ``results.csv``, ``roc.png`` and ``reliability.png`` in ``out_dir``."""
+                  title: str) -> str:
+    """``results.md``, ``results.csv``, ``roc.png`` and ``reliability.png`` in ``out_dir``;
+    returns the Markdown of ``results.md``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    write_text(out_dir / "results.md", f"# {title}\n\n" + markdown(results))
+    text = f"# {title}\n\n" + markdown(results)
+    write_text(out_dir / "results.md", text)
     write_text(out_dir / "results.csv", per_fold_csv(results))
     scored = np.isin(store.folds, results.folds)
     labels = store.labels[scored]
@@ -172,3 +174,4 @@ def write_results(out_dir: Path, store: CropStore, results: Results, rows: Seque
         write_atomically(out_dir / f"{name}.png",
                          lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
+    return text
