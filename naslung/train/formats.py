@@ -3,9 +3,9 @@
 bf16 autocast keeps fp32 master weights (the optimizer and BatchNorm statistics stay fp32)
 and runs convolutions in bfloat16. On CPUs with AVX512-BF16/AMX it and the channels_last_3d
 layout are much faster than fp32 NCDHW, by amounts that depend on the arch and the CPU, so
-``auto`` times a few training steps of each candidate on random data of the run's shape
-once per process and picks the fastest. A CPU without bf16 support keeps fp32; on a GPU
-``auto`` means fp32 (the fused kernels' reference precision) and the contiguous layout.
+``auto`` times a few forward and backward passes of each candidate on random data of the
+run's shape once per process and picks the fastest. A CPU without bf16 support keeps fp32; on
+a GPU ``auto`` means fp32 (the fused kernels' reference precision) and the contiguous layout.
 """
 
 from __future__ import annotations
@@ -77,24 +77,29 @@ def _label(fmt: TrainFormat) -> str:
 @functools.cache
 def _timed_formats(arch: str, cbam: str, head: str, crop: int, batch_size: int,
                    candidates: tuple[TrainFormat, ...], device: str) -> dict[str, float]:
-    """Median seconds of a full training step (forward, loss, backward, Adam) per format."""
+    """Median seconds of a forward and backward pass per format.
+
+    The candidates take turns step by step, so a change in the machine's load while they are
+    timed falls on all of them alike (one candidate timed after another let a busy spell pick
+    the wrong one). The optimizer step is left out: it updates the same fp32 master weights in
+    every format."""
     from naslung.models import ConvRes, make_loss
-    from naslung.train.graphs import train_step
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 1, crop, crop, crop, generator=generator).to(device)
     y = (torch.arange(batch_size) % 2).to(device)
-    timings = {}
+    runs = []
     for fmt in candidates:
         model = ConvRes(Arch.parse(arch), cbam=cbam, head=head).to(device, memory_format=fmt.memory_format)
-        loss_fn = make_loss(model.head)
-        optimizer = torch.optim.Adam(model.parameters())
-        batch = x.contiguous(memory_format=fmt.memory_format)
-        seconds = []
-        for _ in range(TIMED_STEPS + 1):  # the first step warms up oneDNN's primitive cache
+        runs.append((fmt, model, make_loss(model.head), x.contiguous(memory_format=fmt.memory_format)))
+    seconds: dict[str, list[float]] = {_label(fmt): [] for fmt in candidates}
+    for _ in range(TIMED_STEPS + 1):  # the first round warms up oneDNN's primitive cache
+        for fmt, model, loss_fn, batch in runs:
+            model.zero_grad(set_to_none=True)
             started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            train_step(model, loss_fn, optimizer, batch, y, fmt.autocast_dtype)
-            seconds.append(time.perf_counter() - started)
-        timings[_label(fmt)] = sorted(seconds[1:])[len(seconds[1:]) // 2]
-    return timings
+            with torch.autocast(batch.device.type, dtype=fmt.autocast_dtype,
+                                enabled=fmt.autocast_dtype is not None):
+                loss = loss_fn(model(batch), y)
+            loss.backward()
+            seconds[_label(fmt)].append(time.perf_counter() - started)
+    return {label: sorted(s[1:])[len(s[1:]) // 2] for label, s in seconds.items()}
