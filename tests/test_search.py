@@ -13,6 +13,7 @@ import torch
 
 from naslung.cli import search_main
 from naslung.search.journal import Journal
+from naslung.train.formats import cpu_supports_bf16
 
 SMALL = ["--widths", "4,8", "--min-depth", "3", "--max-depth", "4", "--epochs", "1",
          "--max-candidates", "4", "--device", "cpu", "--no-progress"]
@@ -99,6 +100,31 @@ def test_existing_journal_needs_resume_and_the_same_settings(sphere_store, tmp_p
     assert "--resume" in capsys.readouterr().err
     assert search_main([*args, "--resume", "--epochs", "3"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+def test_search_trains_in_the_precision_asked_for_and_journals_it(sphere_store, tmp_path):
+    run = tmp_path / "run"
+    args = ["--data-dir", str(sphere_store.root), "--out", str(run), *SMALL, "--max-candidates", "2"]
+    assert search_main([*args, "--precision", "bf16"]) == 0
+    assert [r["precision"] for r in candidates(run)] == ["bf16", "bf16"]
+    meta = json.loads(next((run / "checkpoints").glob("*/model.json")).read_text())
+    assert meta["train_config"]["precision"] == "bf16"
+
+
+def test_a_journal_older_than_the_precision_setting_resumes_as_fp32(sphere_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--data-dir", str(sphere_store.root), "--out", str(run), *SMALL, "--max-candidates", "1"]
+    assert search_main([*args, "--precision", "fp32"]) == 0
+    journal = run / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    del header["config"]["precision"]  # as written before --precision existed
+    journal.write_text(json.dumps(header) + "\n" + "".join(lines[1:]))
+    assert search_main([*args, "--max-candidates", "2", "--resume", "--precision", "fp32"]) == 2
+    assert "other settings" in capsys.readouterr().err  # max-candidates differs: still checked
+    assert search_main([*args, "--resume", "--precision", "bf16"]) == 2
+    assert search_main([*args, "--resume", "--precision", "fp32"]) == 0
 
 
 def front_of(run):

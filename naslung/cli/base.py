@@ -48,6 +48,8 @@ def fmt_metric(value: float) -> str:
 
 CUDA_GRAPHS_HELP = ("replay each training step as one CUDA graph (CUDA only; static shapes, the ragged "
                     "last batch runs eagerly)")
+PRECISION_HELP = ("auto (default): the fastest of fp32 and bf16 autocast measured on this machine at "
+                  "the start (bf16 only where the CPU has native bf16; fp32 on a GPU); fp32; bf16")
 KERNELS_HELP = ("auto (default): the fused Triton kernels on CUDA, plain PyTorch elsewhere; torch: "
                 "always plain PyTorch; triton: always the fused kernels (CUDA only)")
 

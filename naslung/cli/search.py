@@ -33,6 +33,7 @@ from naslung.locking import lock_run_dir
 from naslung.models.fused import KERNEL_CHOICES, resolve_kernels
 from naslung.search.executors import EXECUTORS
 from naslung.train.crossval import RunError
+from naslung.train.formats import PRECISIONS
 from naslung.train.trainer import resolve_device
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 SEARCH_OPTIONS = ("widths", "min_depth", "max_depth", "epochs", "batch_size", "lr", "objective",
                   "metric", "patience", "max_candidates", "time_budget_s", "seed", "test_fold", "kernels",
-                  "cuda_graphs")
+                  "cuda_graphs", "precision")
 SEARCH_PRESETS: dict[str, dict] = {
     # Minutes on two CPU cores: a tiny space, two epochs, at most 8 candidates, 60-scan phantom.
     "smoke": {"widths": (4, 8, 16), "min_depth": 3, "max_depth": 4, "epochs": 2, "lr": 1e-3,
@@ -154,6 +155,9 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                    help="stop after this many seconds")
     p.add_argument("--seed", type=non_negative_int, help="sampling and training seed (default 0)")
     p.add_argument("--test-fold", type=non_negative_int, help="fold held out of the search (default 0)")
+    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default: every candidate and "
+                   "every repeat of a search trains alike); bf16: autocast with fp32 master "
+                   "weights, faster on CPUs with native bf16; auto: timed per worker process")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, help=KERNELS_HELP)
     p.add_argument("--cuda-graphs", action="store_true", default=None, help=CUDA_GRAPHS_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (in-process and "

@@ -22,6 +22,7 @@ from naslung.argtypes import (
 from naslung.cli.base import (
     CUDA_GRAPHS_HELP,
     KERNELS_HELP,
+    PRECISION_HELP,
     UsageError,
     add_verify_option,
     check_cuda_graphs,
@@ -208,9 +209,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=tuple(LOSSES), help="asoftmax (default): A-Softmax head "
                    "with margin m=4; original: the same normalised head with plain softmax "
                    "cross-entropy, as the original code trained; ce: linear head, cross-entropy")
-    p.add_argument("--precision", choices=PRECISIONS, help="auto (default): the fastest of "
-                   "fp32 and bf16 autocast measured on this machine at the start (bf16 only "
-                   "where the CPU has native bf16; fp32 on a GPU); fp32; bf16")
+    p.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--cbam", choices=CBAM_VARIANTS, default="nas-lung",
                    help="CBAM variant: the original's residual one, or Woo et al.'s")
     p.add_argument("--select", choices=SELECT_METRICS, default="auc",

@@ -37,6 +37,7 @@ from naslung.search.space import SearchSpace
 from naslung.search.trial import Trial, TrialData, TrialResult
 from naslung.search.view import SearchView
 from naslung.train.checkpoint import save_checkpoint
+from naslung.train.formats import PRECISIONS
 from naslung.train.trainer import TrainConfig
 from naslung.versions import versions
 
@@ -71,6 +72,9 @@ class SearchConfig:
     cbam: str = "nas-lung"
     kernels: str = "auto"
     cuda_graphs: bool = False
+    precision: str = "fp32"
+    """fp32 unless asked: ``auto`` times formats per process, so two workers could train the
+    same arch differently and a search would no longer repeat exactly."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -83,6 +87,8 @@ class SearchConfig:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1 candidate, got {self.patience}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNEL_CHOICES)}")
 
@@ -92,6 +98,10 @@ class SearchConfig:
         settings.pop("time_budget_s")
         settings["widths"] = list(self.widths)
         return settings
+
+
+SETTINGS_ADDED_LATER = {"precision": "fp32"}
+"""Settings younger than some journals, with the value those searches ran with."""
 
 
 @dataclass
@@ -211,7 +221,7 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
     if records and not resume:
         raise JournalError(f"{journal.path} exists: pass --resume to continue that search, "
                            "or choose another --out")
-    if records and (records[0].get("config") != header["config"]
+    if records and ({**SETTINGS_ADDED_LATER, **(records[0].get("config") or {})} != header["config"]
                     or records[0].get("store_sha256") != header["store_sha256"]):
         raise JournalError(f"{journal.path} belongs to a search with other settings or data")
     journal.drop_torn_tail()
@@ -236,7 +246,7 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
     def trial(index: int) -> Trial:
         tcfg = TrainConfig(arch=str(space.arch(index)), epochs=cfg.epochs, batch_size=cfg.batch_size,
                            lr=cfg.lr, head=cfg.head, cbam=cfg.cbam, select=cfg.metric, seed=cfg.seed,
-                           kernels=cfg.kernels, cuda_graphs=cfg.cuda_graphs)
+                           kernels=cfg.kernels, cuda_graphs=cfg.cuda_graphs, precision=cfg.precision)
         return Trial(index, tcfg, cfg.test_fold)
 
     busy = 0.0  # seconds the driver spent handing trials over or waiting for them
@@ -308,7 +318,8 @@ def _record(pop: PartialOrderPruning, journal: Journal, run_dir: Path, store: Cr
                     "score_rule": f"mean validation {cfg.metric} of the last {cfg.score_epochs} epochs",
                     "best_epoch": result.best_epoch,
                     "val_metrics": result.val_metrics, "seconds": round(result.seconds, 3),
-                    "device": result.device})
+                    "device": result.device, "precision": result.train_config.precision,
+                    "channels_last": result.train_config.channels_last})
     pop.record(index, score)
     scores[index] = score
     if index in pop.front:

@@ -81,6 +81,7 @@ def run_trial(trial: Trial, data: TrialData, device: torch.device,
     volumes, labels = _on_device(data, cfg, device)
     split = FoldSplit.of(np.asarray(data.folds), trial.test_fold, data.n_folds)
     result = train_fold(volumes, labels, split, cfg, progress, score_test=False)
+    cfg = replace(cfg, precision=result.train_format.precision)  # what "auto" chose
     state = {name: tensor.detach().cpu() for name, tensor in result.model.state_dict().items()}
     return TrialResult(result.val_metrics, result.best_epoch, time.perf_counter() - started, state,
                        result.normalisation.to_dict(), cfg, str(device), result.history)
