@@ -1,18 +1,61 @@
-"""Package discovery: `naslung/` plus the top-level `kernels/` and `export/` folders, which
-install as `naslung.kernels` and `naslung.export` (with their subpackages) once they exist.
-Everything else about the package is in pyproject.toml."""
+"""Package discovery and the kernel libraries; everything else is in pyproject.toml.
 
+Packages: `naslung/` plus the top-level `kernels/` and `export/` folders, which install as
+`naslung.kernels` and `naslung.export` (with their subpackages) once they exist.
+
+Kernel libraries: CMakeLists.txt builds csrc/ into a host library always and into a CUDA
+library where a CUDA compiler is found. Each is declared as an extension module of
+`naslung.native` (the CUDA one optional), so that setuptools puts it beside the package's
+Python files, in the source tree for an editable install; `naslung.native.library` loads them
+with ctypes. CMake runs once per build.
+"""
+
+import functools
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
+ROOT = Path(__file__).parent
 TOP_LEVEL_SUBPACKAGES = {"naslung.kernels": "kernels", "naslung.export": "export"}
+LIBRARIES = {"naslung.native.libnaslung_host": "libnaslung_host.so",
+             "naslung.native.libnaslung_cuda": "libnaslung_cuda.so"}
 
 packages = find_packages(include=["naslung", "naslung.*"])
 package_dir = {}
 for name, folder in TOP_LEVEL_SUBPACKAGES.items():
-    if (Path(__file__).parent / folder / "__init__.py").is_file():
+    if (ROOT / folder / "__init__.py").is_file():
         package_dir[name] = folder
         packages += [name] + [f"{name}.{sub}" for sub in find_packages(folder)]
 
-setup(packages=packages, package_dir=package_dir)
+
+class CMakeLibraries(build_ext):
+    """Build CMakeLists.txt once, then hand each extension its library."""
+
+    def build_extension(self, ext: Extension) -> None:
+        built = self._cmake_build() / LIBRARIES[ext.name]
+        if not built.is_file():  # the CUDA library, on a machine without nvcc
+            raise CompileError(f"{built.name} was not built (no CUDA compiler found by CMake)")
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, target)
+
+    @functools.cache
+    def _cmake_build(self) -> Path:
+        build = Path(self.build_temp).resolve() / "cmake"
+        configure = ["cmake", "-S", str(ROOT.resolve()), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
+        if shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 1)], check=True)
+        return build
+
+
+setup(packages=packages, package_dir=package_dir,
+      ext_modules=[Extension("naslung.native.libnaslung_host", sources=[]),
+                   Extension("naslung.native.libnaslung_cuda", sources=[], optional=True)],
+      cmdclass={"build_ext": CMakeLibraries})

@@ -1,0 +1,319 @@
+// BatchNorm3d (training and eval) + ReLU (+ a residual added after the ReLU), forward and
+// backward, on NCDHW maps (N, C, S) in fp32 or bf16 with fp32 statistics.
+//
+// Forward: one per-channel reduction pass over x, a finalize over C channels, one elementwise
+// pass. Backward: one per-channel reduction pass over (x, dy), a finalize, one elementwise pass.
+// Per-block partial results are combined in a fixed order, never with atomics, so a result
+// does not depend on scheduling and the host and CUDA builds sum in the same order.
+#include "batchnorm.h"
+#include "portable.h"
+
+namespace {
+
+constexpr int kThreads = 256;          // threads per block of every kernel here
+constexpr long long kPerThread = 8;    // elements per thread in a reduction block, at least
+
+// Blocks per channel of a reduction pass: enough to fill a GPU at small C, none idle at large C.
+long long reduction_blocks(long long n, long long s) {
+    long long elements = n * s;
+    long long blocks = (elements + kThreads * kPerThread - 1) / (kThreads * kPerThread);
+    return blocks < 1 ? 1 : (blocks > 64 ? 64 : blocks);
+}
+
+// Welford's (count, mean, m2) of two sets, combined (Chan et al.).
+NL_HOST_DEVICE void welford_merge(float& count, float& mean, float& m2, float count_b, float mean_b,
+                                  float m2_b) {
+    float total = count + count_b;
+    if (count_b == 0.0f) return;
+    float delta = mean_b - mean;
+    float share = count_b / total;
+    mean += delta * share;
+    m2 += m2_b + delta * delta * count * share;
+    count = total;
+}
+
+// grid (C, P), block kThreads, shared 3 x kThreads floats; reads x once.
+// Block (c, p) takes the p-th slice of channel c's N*S values: (count, mean, m2) into
+// partials[(c * P + p) * 3 ...].
+template <typename T>
+NL_KERNEL void bn_stats_partials_kernel(const T* NL_RESTRICT x, long long n, long long channels,
+                                        long long s, float* NL_RESTRICT partials) {
+    NL_SHARED float sh_count[kThreads];
+    NL_SHARED float sh_mean[kThreads];
+    NL_SHARED float sh_m2[kThreads];
+    const long long c = blockIdx.x, p = blockIdx.y, blocks = gridDim.y;
+    const long long elements = n * s;
+    const long long chunk = (elements + blocks - 1) / blocks;
+    const long long begin = p * chunk;
+    const long long end = begin + chunk < elements ? begin + chunk : elements;
+    NL_THREADS {
+        float count = 0.0f, mean = 0.0f, m2 = 0.0f;
+        for (long long j = begin + threadIdx.x; j < end; j += blockDim.x) {
+            float v = nl_load(x, (j / s) * channels * s + c * s + j % s);
+            count += 1.0f;
+            float delta = v - mean;
+            mean += delta / count;
+            m2 += delta * (v - mean);
+        }
+        sh_count[threadIdx.x] = count;
+        sh_mean[threadIdx.x] = mean;
+        sh_m2[threadIdx.x] = m2;
+    }
+    nl_sync();
+    for (unsigned half = kThreads / 2; half > 0; half /= 2) {
+        NL_THREADS {
+            if (threadIdx.x < half) {
+                unsigned other = threadIdx.x + half;
+                welford_merge(sh_count[threadIdx.x], sh_mean[threadIdx.x], sh_m2[threadIdx.x],
+                              sh_count[other], sh_mean[other], sh_m2[other]);
+            }
+        }
+        nl_sync();
+    }
+    NL_THREADS {
+        if (threadIdx.x == 0) {
+            float* out = partials + (c * blocks + p) * 3;
+            out[0] = sh_count[0];
+            out[1] = sh_mean[0];
+            out[2] = sh_m2[0];
+        }
+    }
+}
+
+// grid ceil(C / kThreads), block kThreads, no shared memory; one thread per channel.
+// Combines the channel's P partials in order into mean and 1/sqrt(var + eps), and updates the
+// running statistics as torch does: biased variance to normalise, unbiased into running_var.
+NL_KERNEL void bn_stats_finalize_kernel(const float* NL_RESTRICT partials, long long channels,
+                                        long long blocks, float eps, float momentum,
+                                        float* NL_RESTRICT running_mean, float* NL_RESTRICT running_var,
+                                        float* NL_RESTRICT mean_out, float* NL_RESTRICT invstd_out) {
+    NL_THREADS {
+        long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+        if (c < channels) {
+            float count = 0.0f, mean = 0.0f, m2 = 0.0f;
+            for (long long p = 0; p < blocks; ++p) {
+                const float* part = partials + (c * blocks + p) * 3;
+                welford_merge(count, mean, m2, part[0], part[1], part[2]);
+            }
+            float var = m2 / count;
+            mean_out[c] = mean;
+            invstd_out[c] = 1.0f / sqrtf(var + eps);
+            if (running_mean != nullptr) {
+                float unbiased = count > 1.0f ? m2 / (count - 1.0f) : var;
+                running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mean;
+                running_var[c] = (1.0f - momentum) * running_var[c] + momentum * unbiased;
+            }
+        }
+    }
+}
+
+// grid ceil(N*C*S / kThreads) (capped, grid-stride), block kThreads; reads x (and the
+// residual) once, writes y once: y = relu((x - mean) * invstd * w + b) [+ residual].
+template <typename T>
+NL_KERNEL void bn_relu_forward_kernel(const T* NL_RESTRICT x, const T* NL_RESTRICT residual,
+                                      long long total, long long channels, long long s,
+                                      const float* NL_RESTRICT mean, const float* NL_RESTRICT invstd,
+                                      const float* NL_RESTRICT weight, const float* NL_RESTRICT bias,
+                                      T* NL_RESTRICT y) {
+    NL_THREADS {
+        long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+        for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+             i += stride) {
+            long long c = (i / s) % channels;
+            float v = (nl_load(x, i) - mean[c]) * invstd[c] * weight[c] + bias[c];
+            v = v > 0.0f ? v : 0.0f;
+            if (residual != nullptr) v += nl_load(residual, i);
+            nl_store(y, i, v);
+        }
+    }
+}
+
+// grid (C, P), block kThreads, shared 2 x kThreads floats; reads x and dy once.
+// Per channel slice: sum of g and of g * xhat, g = dy where the ReLU passed (recomputed).
+template <typename T>
+NL_KERNEL void bn_relu_backward_partials_kernel(const T* NL_RESTRICT x, const T* NL_RESTRICT dy,
+                                                long long n, long long channels, long long s,
+                                                const float* NL_RESTRICT mean,
+                                                const float* NL_RESTRICT invstd,
+                                                const float* NL_RESTRICT weight,
+                                                const float* NL_RESTRICT bias,
+                                                float* NL_RESTRICT partials) {
+    NL_SHARED float sh_g[kThreads];
+    NL_SHARED float sh_gx[kThreads];
+    const long long c = blockIdx.x, p = blockIdx.y, blocks = gridDim.y;
+    const long long elements = n * s;
+    const long long chunk = (elements + blocks - 1) / blocks;
+    const long long begin = p * chunk;
+    const long long end = begin + chunk < elements ? begin + chunk : elements;
+    NL_THREADS {
+        float sum_g = 0.0f, sum_gx = 0.0f;
+        for (long long j = begin + threadIdx.x; j < end; j += blockDim.x) {
+            long long i = (j / s) * channels * s + c * s + j % s;
+            float xhat = (nl_load(x, i) - mean[c]) * invstd[c];
+            float g = xhat * weight[c] + bias[c] > 0.0f ? nl_load(dy, i) : 0.0f;
+            sum_g += g;
+            sum_gx += g * xhat;
+        }
+        sh_g[threadIdx.x] = sum_g;
+        sh_gx[threadIdx.x] = sum_gx;
+    }
+    nl_sync();
+    for (unsigned half = kThreads / 2; half > 0; half /= 2) {
+        NL_THREADS {
+            if (threadIdx.x < half) {
+                sh_g[threadIdx.x] += sh_g[threadIdx.x + half];
+                sh_gx[threadIdx.x] += sh_gx[threadIdx.x + half];
+            }
+        }
+        nl_sync();
+    }
+    NL_THREADS {
+        if (threadIdx.x == 0) {
+            partials[(c * blocks + p) * 2] = sh_g[0];
+            partials[(c * blocks + p) * 2 + 1] = sh_gx[0];
+        }
+    }
+}
+
+// grid ceil(C / kThreads), block kThreads; one thread per channel: the bias and weight
+// gradients, the P partials summed in order.
+NL_KERNEL void bn_backward_finalize_kernel(const float* NL_RESTRICT partials, long long channels,
+                                           long long blocks, float* NL_RESTRICT grad_bias,
+                                           float* NL_RESTRICT grad_weight) {
+    NL_THREADS {
+        long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+        if (c < channels) {
+            float sum_g = 0.0f, sum_gx = 0.0f;
+            for (long long p = 0; p < blocks; ++p) {
+                sum_g += partials[(c * blocks + p) * 2];
+                sum_gx += partials[(c * blocks + p) * 2 + 1];
+            }
+            grad_bias[c] = sum_g;
+            grad_weight[c] = sum_gx;
+        }
+    }
+}
+
+// Elementwise, grid-stride, block kThreads; reads x and dy once, writes dx once.
+// Training: dx = w * invstd * (g - sum_g / M - xhat * sum_gx / M), M = N*S; eval (the
+// statistics are constants): dx = w * invstd * g.
+template <typename T>
+NL_KERNEL void bn_relu_backward_input_kernel(const T* NL_RESTRICT x, const T* NL_RESTRICT dy,
+                                             long long total, long long channels, long long s,
+                                             float count, int training,
+                                             const float* NL_RESTRICT mean,
+                                             const float* NL_RESTRICT invstd,
+                                             const float* NL_RESTRICT weight,
+                                             const float* NL_RESTRICT bias,
+                                             const float* NL_RESTRICT grad_bias,
+                                             const float* NL_RESTRICT grad_weight, T* NL_RESTRICT dx) {
+    NL_THREADS {
+        long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+        for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+             i += stride) {
+            long long c = (i / s) % channels;
+            float xhat = (nl_load(x, i) - mean[c]) * invstd[c];
+            float g = xhat * weight[c] + bias[c] > 0.0f ? nl_load(dy, i) : 0.0f;
+            if (training) g -= (grad_bias[c] + xhat * grad_weight[c]) / count;
+            nl_store(dx, i, weight[c] * invstd[c] * g);
+        }
+    }
+}
+
+unsigned elementwise_blocks(long long total) {
+    long long blocks = (total + kThreads - 1) / kThreads;
+    return static_cast<unsigned>(blocks > 65535 ? 65535 : (blocks < 1 ? 1 : blocks));
+}
+
+unsigned channel_blocks(long long channels) {
+    return static_cast<unsigned>((channels + kThreads - 1) / kThreads);
+}
+
+bool bad_shape(long long n, long long c, long long s) { return n < 1 || c < 1 || s < 1; }
+
+template <typename T>
+int stats(const void* x, long long n, long long c, long long s, float eps, float momentum,
+          float* running_mean, float* running_var, float* workspace, float* mean, float* invstd,
+          void* stream) {
+    long long blocks = reduction_blocks(n, s);
+    NL_LAUNCH(bn_stats_partials_kernel<T>, dim3(static_cast<unsigned>(c), static_cast<unsigned>(blocks)),
+              dim3(kThreads), stream, static_cast<const T*>(x), n, c, s, workspace);
+    NL_LAUNCH(bn_stats_finalize_kernel, dim3(channel_blocks(c)), dim3(kThreads), stream, workspace, c,
+              blocks, eps, momentum, running_mean, running_var, mean, invstd);
+    return NL_OK;
+}
+
+template <typename T>
+int forward(const void* x, const void* residual, long long n, long long c, long long s, const float* mean,
+            const float* invstd, const float* weight, const float* bias, void* y, void* stream) {
+    long long total = n * c * s;
+    NL_LAUNCH(bn_relu_forward_kernel<T>, dim3(elementwise_blocks(total)), dim3(kThreads), stream,
+              static_cast<const T*>(x), static_cast<const T*>(residual), total, c, s, mean, invstd, weight,
+              bias, static_cast<T*>(y));
+    return NL_OK;
+}
+
+template <typename T>
+int backward(const void* x, const void* dy, long long n, long long c, long long s, int training,
+             const float* mean, const float* invstd, const float* weight, const float* bias,
+             float* workspace, float* grad_weight, float* grad_bias, void* dx, void* stream) {
+    long long blocks = reduction_blocks(n, s);
+    long long total = n * c * s;
+    NL_LAUNCH(bn_relu_backward_partials_kernel<T>,
+              dim3(static_cast<unsigned>(c), static_cast<unsigned>(blocks)), dim3(kThreads), stream,
+              static_cast<const T*>(x), static_cast<const T*>(dy), n, c, s, mean, invstd, weight, bias,
+              workspace);
+    NL_LAUNCH(bn_backward_finalize_kernel, dim3(channel_blocks(c)), dim3(kThreads), stream, workspace, c,
+              blocks, grad_bias, grad_weight);
+    NL_LAUNCH(bn_relu_backward_input_kernel<T>, dim3(elementwise_blocks(total)), dim3(kThreads), stream,
+              static_cast<const T*>(x), static_cast<const T*>(dy), total, c, s, static_cast<float>(n * s),
+              training, mean, invstd, weight, bias, grad_bias, grad_weight, static_cast<T*>(dx));
+    return NL_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+long long nl_bn_workspace_floats(long long n, long long c, long long s) {
+    return c * reduction_blocks(n, s) * 3;
+}
+
+int nl_bn_stats(int dtype, const void* x, long long n, long long c, long long s, float eps, float momentum,
+                float* running_mean, float* running_var, float* workspace, float* mean, float* invstd,
+                void* stream) {
+    if (bad_shape(n, c, s) || (running_mean == nullptr) != (running_var == nullptr)) return NL_BAD_ARGUMENT;
+    if (dtype == NL_FLOAT32)
+        return stats<float>(x, n, c, s, eps, momentum, running_mean, running_var, workspace, mean, invstd,
+                            stream);
+    if (dtype == NL_BFLOAT16)
+        return stats<nl_bf16>(x, n, c, s, eps, momentum, running_mean, running_var, workspace, mean, invstd,
+                              stream);
+    return NL_BAD_ARGUMENT;
+}
+
+int nl_bn_relu_forward(int dtype, const void* x, const void* residual, long long n, long long c, long long s,
+                       const float* mean, const float* invstd, const float* weight, const float* bias, void* y,
+                       void* stream) {
+    if (bad_shape(n, c, s)) return NL_BAD_ARGUMENT;
+    if (dtype == NL_FLOAT32) return forward<float>(x, residual, n, c, s, mean, invstd, weight, bias, y, stream);
+    if (dtype == NL_BFLOAT16)
+        return forward<nl_bf16>(x, residual, n, c, s, mean, invstd, weight, bias, y, stream);
+    return NL_BAD_ARGUMENT;
+}
+
+int nl_bn_relu_backward(int dtype, const void* x, const void* dy, long long n, long long c, long long s,
+                        int training, const float* mean, const float* invstd, const float* weight,
+                        const float* bias, float* workspace, float* grad_weight, float* grad_bias, void* dx,
+                        void* stream) {
+    if (bad_shape(n, c, s)) return NL_BAD_ARGUMENT;
+    if (dtype == NL_FLOAT32)
+        return backward<float>(x, dy, n, c, s, training, mean, invstd, weight, bias, workspace, grad_weight,
+                               grad_bias, dx, stream);
+    if (dtype == NL_BFLOAT16)
+        return backward<nl_bf16>(x, dy, n, c, s, training, mean, invstd, weight, bias, workspace,
+                                 grad_weight, grad_bias, dx, stream);
+    return NL_BAD_ARGUMENT;
+}
+
+}  // extern "C"
