@@ -46,9 +46,12 @@ class CMakeLibraries(build_ext):
 
     @functools.cache
     def _cmake_build(self) -> Path:
-        build = Path(self.build_temp).resolve() / "cmake"
+        # In the source tree (build/ is ignored): a reinstall rebuilds only what changed.
+        build = ROOT.resolve() / "build" / "cmake"
         configure = ["cmake", "-S", str(ROOT.resolve()), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
-        if shutil.which("ninja"):
+        if os.environ.get("NASLUNG_CUDA_ARCHITECTURES"):  # e.g. 90: only the GPU at hand
+            configure.append(f"-DNASLUNG_CUDA_ARCHITECTURES={os.environ['NASLUNG_CUDA_ARCHITECTURES']}")
+        if shutil.which("ninja") and not (build / "CMakeCache.txt").is_file():
             configure += ["-G", "Ninja"]
         subprocess.run(configure, check=True)
         subprocess.run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 1)], check=True)

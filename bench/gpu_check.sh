@@ -60,7 +60,7 @@ WARNINGS=()
 # The steps of each stage: name and time limit (seconds), in order; the last step of each stage
 # gets what the stage has left.
 declare -A PLAN=(
-    [correctness]="env:30 nvidia-smi:15 install:90 imports:45 gpu-tests:rest"
+    [correctness]="env:20 nvidia-smi:10 install:120 imports:30 gpu-tests:120 sanitizers:rest"
     [speed]="env:30 install:60 precompile:90 bench-gpu:180 bench-export:rest"
 )
 
@@ -203,6 +203,12 @@ PY
 
 install_step() {
     # The GPU machine has no network: no index, no build isolation.
+    # nvcc builds csrc/ for the GPU at hand only (both targets' builds are proven on any machine
+    # by naslung.native.compile_proof); the CMake build under build/ is reused by a second stage.
+    if [ "$HAS_CUDA" = 1 ]; then
+        NASLUNG_CUDA_ARCHITECTURES=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+        export NASLUNG_CUDA_ARCHITECTURES
+    fi
     run_step install "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
     if "$PY" -c "import naslung.kernels, naslung.export" > /dev/null 2>&1; then
         return
@@ -268,7 +274,7 @@ FORBIDDEN = ("SimpleITK", "pylidc", "pydicom", "ray")
 failed = []
 for module in ("naslung.models", "naslung.models.fused", "naslung.train.trainer", "naslung.train.graphs",
                "naslung.kernels", "naslung.kernels.batchnorm", "naslung.kernels.cbam",
-               "naslung.export.deploy", "naslung.export.tensorrt"):
+               "naslung.export.deploy", "naslung.export.tensorrt", "naslung.native.batchnorm"):
     try:
         importlib.import_module(module)
         print(f"imported {module}")
@@ -305,6 +311,18 @@ for xml in sorted(Path(sys.argv[1]).glob("test_*.xml")):
 print("\n".join(rows))
 PY
         write_summary
+    fi
+    # compute-sanitizer over the csrc/ CUDA kernels' parity tests: out-of-bounds and misaligned
+    # accesses (memcheck), then shared-memory races between the threads of a block (racecheck).
+    NATIVE_GPU_TESTS=(tests/test_native_batchnorm.py tests/test_native_cbam.py tests/test_native_augment.py)
+    if [ "$HAS_CUDA" = 1 ] && command -v compute-sanitizer > /dev/null; then
+        run_step sanitizers bash -c 'for tool in memcheck racecheck; do
+            echo "--- compute-sanitizer --tool $tool"
+            compute-sanitizer --tool "$tool" --error-exitcode 3 "$0" -m pytest -m gpu -q -p no:cacheprovider \
+                "$@" || exit $?
+        done' "$PY" "${NATIVE_GPU_TESTS[@]}"
+    else
+        skip_step sanitizers "no CUDA device or no compute-sanitizer"
     fi
 fi
 

@@ -2,8 +2,9 @@
 
 Providers: ``eager`` (NCDHW), ``channels_last_3d`` (model and input in that layout), ``bf16``
 and ``bf16_channels_last_3d`` (bfloat16 autocast with fp32 master weights, as ``naslung train
---precision bf16`` runs; only on CPUs with native bf16) and ``compile`` (torch.compile of the
-model, opt-in: see conftest.py). Each benchmark's group is
+--precision bf16`` runs; only on CPUs with native bf16), ``native`` and ``bf16_native`` (the
+csrc/ kernels' host build for BatchNorm+ReLU and CBAM, as ``--kernels native`` runs) and
+``compile`` (torch.compile of the model, opt-in: see conftest.py). Each benchmark's group is
 ``{kind}-{arch}``, so pytest-benchmark compares the providers of one arch side by side.
 Compiling and warm-up happen before the timed rounds. The file is outside ``tests/`` so the
 default test run does not collect it; run it with
@@ -25,6 +26,8 @@ import torch
 from naslung import Arch, ConvRes
 from naslung.arch import PAPER_28M
 from naslung.models import make_loss
+from naslung.models.fused import fuse
+from naslung.native.library import library_path
 from naslung.train.formats import cpu_supports_bf16
 
 CROP = 32
@@ -46,7 +49,7 @@ CASES = [
     pytest.param(Case("16,32/64,64/128", (1, 5), (3, 20)), id="small"),
     pytest.param(Case(str(PAPER_28M), (1, 3), (2, 10)), id="paper28m"),
 ]
-PROVIDERS = ["eager", "channels_last_3d", "bf16", "bf16_channels_last_3d", "compile"]
+PROVIDERS = ["eager", "channels_last_3d", "bf16", "bf16_channels_last_3d", "native", "bf16_native", "compile"]
 
 
 def _channels_last(provider: str) -> bool:
@@ -62,6 +65,10 @@ def _autocast(provider: str) -> torch.autocast:
 def _model(arch: str, provider: str, train: bool) -> ConvRes:
     torch.manual_seed(0)
     model = ConvRes(Arch.parse(arch)).train(train)
+    if provider.endswith("native"):
+        if library_path("host") is None:
+            pytest.skip("the host kernel library is not built")
+        model = fuse(model, inplace=True, backend="native")
     if _channels_last(provider):
         model = model.to(memory_format=torch.channels_last_3d)
     return model

@@ -4,7 +4,8 @@ Kinds of benchmark (each benchmark's group is one case, so the ratios come from 
 
 - ``layer``: forward + backward of one conv unit (conv + BN + ReLU) or CBAM block at a shape
   ConvRes has on 32^3 crops, batch 32; providers ``eager`` (fp32), ``bf16`` (autocast, NCDHW),
-  ``bf16_channels_last_3d`` and ``triton`` (the fused modules of naslung.models.fused, fp32).
+  ``bf16_channels_last_3d``, ``triton`` (the fused modules of naslung.models.fused, fp32) and
+  ``cuda`` (cuDNN convolutions, BatchNorm+ReLU and CBAM from csrc/'s CUDA build, fp32).
 - ``train``: forward, A-Softmax loss, backward and an Adam step of three archs at batch 8, 32
   and 128; providers as for layers plus ``graphs`` (eager fp32 replayed as a CUDA graph),
   ``triton_graphs`` (fused model as a CUDA graph; both graph providers use Adam with
@@ -130,7 +131,7 @@ def _cases() -> list[Case]:
     """All cases in run order: Triton, then torch.compile, then the eager torch providers."""
     cases = []
     for providers, train_providers, infer_providers in (
-        (("triton",), ("triton", "triton_graphs"), ("triton",)),
+        (("triton", "cuda"), ("triton", "triton_graphs", "cuda"), ("triton",)),
         ((), ("compile",), ("compile",)),
         (TORCH_LAYER_PROVIDERS, TORCH_TRAIN_PROVIDERS, TORCH_INFER_PROVIDERS),
     ):
@@ -210,8 +211,8 @@ def layer_step(case: Case) -> Callable[[], None]:
         module = (ConvBNReLU(layer.cin, layer.cout, layer.kernel, stride=layer.stride) if layer.op == "conv"
                   else make_cbam(layer.cin, "nas-lung")).train()
         x = torch.randn(case.batch, layer.cin, layer.size, layer.size, layer.size)
-    if case.provider == "triton":
-        module = fuse(module, inplace=True)
+    if case.provider in ("triton", "cuda"):
+        module = fuse(module, inplace=True, backend="native" if case.provider == "cuda" else "triton")
     memory_format = _memory_format(case.provider)
     module = module.to(memory_format=memory_format)
     x = x.contiguous(memory_format=memory_format).requires_grad_()
@@ -238,8 +239,8 @@ def train_step(case: Case) -> Callable[[], object]:
         model = ConvRes(ARCHS[case.target]).train()
         x = torch.randn(case.batch, 1, CROP, CROP, CROP)
         y = torch.randint(0, 2, (case.batch,))
-    if case.provider.startswith("triton"):
-        model = fuse(model, inplace=True)
+    if case.provider.startswith("triton") or case.provider == "cuda":
+        model = fuse(model, inplace=True, backend="native" if case.provider == "cuda" else "triton")
     memory_format = _memory_format(case.provider)
     model = model.to(memory_format=memory_format)
     x = x.contiguous(memory_format=memory_format)

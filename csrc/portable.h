@@ -67,7 +67,12 @@ struct dim3 {
 };
 
 // Each OpenMP thread runs one block at a time, so the built-in variables are per OS thread.
-inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+// initial-exec TLS: a plain fs-relative load per use, not a __tls_get_addr call in every loop.
+#define NL_TLS thread_local __attribute__((tls_model("initial-exec")))
+inline NL_TLS dim3 threadIdx;
+inline NL_TLS dim3 blockIdx;
+inline NL_TLS dim3 blockDim;
+inline NL_TLS dim3 gridDim;
 
 using nl_stream = void*;
 

@@ -45,7 +45,7 @@ from naslung.train.trainer import selection_score
 from naslung.versions import versions
 
 SPACING_MM = 1.0
-REFERENCE_CLASSES = {fused: reference for reference, fused in FUSED.items()}
+REFERENCE_CLASSES = {fused: reference for swaps in FUSED.values() for reference, fused in swaps.items()}
 
 
 class ExportError(ValueError):

@@ -127,7 +127,7 @@ def test_the_majority_vote_rule(probabilities, vote):
 
 def test_a_fused_model_is_exported_through_the_reference_modules():
     member = DeployedMember(fuse(ConvRes("4/4/8")), Normalisation(-1000, 400, -600, 300))
-    fused_classes = set(FUSED.values())
+    fused_classes = set(FUSED["triton"].values())
     assert not [m for m in member.modules() if type(m) in fused_classes]
 
 

@@ -9,15 +9,12 @@ step.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import run_interpreted
 
 from naslung.kernels.runtime import interpreting
-from naslung.models import ConvRes, make_loss
-from naslung.models.fused import fuse
+from naslung.testing import compare_step
 
 pytest.importorskip("triton")
 
@@ -30,49 +27,6 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INT
 def test_fused_convres_in_the_interpreter():
     proc = run_interpreted(__file__)
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-12) -> float:
-    """max |actual - expected| over max |expected|, or over ``floor`` where that is smaller (the
-    gradient of a conv bias followed by BatchNorm is zero up to rounding)."""
-    err = (actual.double() - expected.double()).abs().max()
-    return (err / expected.double().abs().max().clamp_min(floor)).item()
-
-
-def training_step(model: ConvRes, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    loss = make_loss(model.head)(model(x), y)
-    loss.backward()
-    return loss
-
-
-def compare_step(arch: str, cbam: str, crop: int, batch: int, device: str, dtype_tol: float) -> None:
-    torch.manual_seed(0)
-    reference = ConvRes(arch, cbam=cbam).to(device)
-    fused_model = fuse(copy.deepcopy(reference))
-    reference = reference.double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 1, crop, crop, crop, generator=g).to(device)
-    y = (torch.arange(batch) % 2).to(device)
-
-    loss_ref = training_step(reference, x.double(), y)
-    loss_fused = training_step(fused_model, x, y)
-    assert abs(loss_fused.item() - loss_ref.item()) <= dtype_tol * max(1.0, abs(loss_ref.item()))
-    ref_params = dict(reference.named_parameters())
-    largest = max(p.grad.abs().max().item() for p in ref_params.values())
-    for name, param in fused_model.named_parameters():
-        assert param.grad is not None, name
-        assert rel_err(param.grad, ref_params[name].grad, 1e-3 * largest) < dtype_tol, name
-    ref_buffers = dict(reference.named_buffers())
-    for name, buffer in fused_model.named_buffers():
-        if buffer.is_floating_point():
-            assert rel_err(buffer, ref_buffers[name]) < dtype_tol, name
-        else:
-            assert torch.equal(buffer, ref_buffers[name]), name
-
-    reference.eval()
-    fused_model.eval()
-    with torch.no_grad():
-        assert rel_err(fused_model(x), reference(x.double())) < dtype_tol
 
 
 @interpreted

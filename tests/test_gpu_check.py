@@ -26,12 +26,12 @@ def test_the_plan_names_every_step_and_the_expected_compile_time(tmp_path):
     for stage, limit in (("correctness", 360), ("speed", 420)):
         assert f"stage {stage} (at most {limit} s" in proc.stdout
     assert proc.stdout.count("expected cold Triton compile") == 2
-    assert "gpu-tests: rest" in proc.stdout and "precompile: 90 s" in proc.stdout
+    assert "sanitizers: rest" in proc.stdout and "precompile: 90 s" in proc.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, steps", [
-    ("correctness", ["env", "nvidia-smi", "install", "imports", "gpu-tests"]),
+    ("correctness", ["env", "nvidia-smi", "install", "imports", "gpu-tests", "sanitizers"]),
     ("speed", ["env", "install", "precompile", "bench-gpu", "bench-export"]),
 ])
 def test_each_stage_runs_through_without_a_gpu(tmp_path, stage, steps):

@@ -51,7 +51,9 @@ CUDA_GRAPHS_HELP = ("replay each training step as one CUDA graph (CUDA only; sta
 PRECISION_HELP = ("auto (default): the fastest of fp32 and bf16 autocast measured on this machine at "
                   "the start (bf16 only where the CPU has native bf16; fp32 on a GPU); fp32; bf16")
 KERNELS_HELP = ("auto (default): the fused Triton kernels on CUDA, plain PyTorch elsewhere; torch: "
-                "always plain PyTorch; triton: always the fused kernels (CUDA only)")
+                "always plain PyTorch; triton: always the fused Triton kernels (CUDA only); native: "
+                "the csrc/ C++ kernels on the CPU; cuda: the csrc/ CUDA kernels on a GPU (with "
+                "torch's convolutions)")
 
 
 def add_verify_option(p: argparse.ArgumentParser) -> None:

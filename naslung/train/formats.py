@@ -61,12 +61,13 @@ def candidate_formats(precision: str, channels_last: bool | None,
 
 
 def choose_format(arch: str, cbam: str, head: str, crop: int, batch_size: int, precision: str,
-                  channels_last: bool | None, device: torch.device) -> tuple[TrainFormat, dict[str, float]]:
-    """The fastest candidate format and every candidate's measured seconds per step."""
+                  channels_last: bool | None, device: torch.device,
+                  kernels: str = "torch") -> tuple[TrainFormat, dict[str, float]]:
+    """The fastest candidate format on ``kernels`` and every candidate's measured seconds per step."""
     candidates = candidate_formats(precision, channels_last, device)
     if len(candidates) == 1:
         return candidates[0], {}
-    timings = _timed_formats(arch, cbam, head, crop, batch_size, tuple(candidates), str(device))
+    timings = _timed_formats(arch, cbam, head, crop, batch_size, tuple(candidates), str(device), kernels)
     return min(candidates, key=lambda f: timings[_label(f)]), timings
 
 
@@ -76,7 +77,7 @@ def _label(fmt: TrainFormat) -> str:
 
 @functools.cache
 def _timed_formats(arch: str, cbam: str, head: str, crop: int, batch_size: int,
-                   candidates: tuple[TrainFormat, ...], device: str) -> dict[str, float]:
+                   candidates: tuple[TrainFormat, ...], device: str, kernels: str) -> dict[str, float]:
     """Median seconds of a forward and backward pass per format.
 
     The candidates take turns step by step, so a change in the machine's load while they are
@@ -84,13 +85,15 @@ def _timed_formats(arch: str, cbam: str, head: str, crop: int, batch_size: int,
     the wrong one). The optimizer step is left out: it updates the same fp32 master weights in
     every format."""
     from naslung.models import ConvRes, make_loss
+    from naslung.models.fused import fuse_for
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 1, crop, crop, crop, generator=generator).to(device)
     y = (torch.arange(batch_size) % 2).to(device)
     runs = []
     for fmt in candidates:
-        model = ConvRes(Arch.parse(arch), cbam=cbam, head=head).to(device, memory_format=fmt.memory_format)
+        model = fuse_for(ConvRes(Arch.parse(arch), cbam=cbam, head=head), kernels)
+        model = model.to(device, memory_format=fmt.memory_format)
         runs.append((fmt, model, make_loss(model.head), x.contiguous(memory_format=fmt.memory_format)))
     seconds: dict[str, list[float]] = {_label(fmt): [] for fmt in candidates}
     for _ in range(TIMED_STEPS + 1):  # the first round warms up oneDNN's primitive cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ from naslung.data.augment import AIR_HU, HU_WINDOW, Augmenter, Normalisation, ce
 from naslung.data.folds import FoldSplit
 from naslung.kernels.runtime import on_tensor_device
 from naslung.models import ConvRes, make_loss
-from naslung.models.fused import KERNEL_CHOICES, fuse, resolve_kernels
+from naslung.models.fused import KERNEL_CHOICES, NATIVE_KERNELS, fuse_for, resolve_kernels
 from naslung.train.formats import PRECISIONS, TrainFormat, choose_format
 from naslung.train.graphs import TrainStep
 from naslung.train.metrics import binary_metrics
@@ -125,6 +126,20 @@ def prefer_channels_last(arch: Arch, device: torch.device) -> bool:
     return device.type == "cpu" and arch.flops() >= CHANNELS_LAST_MIN_GFLOPS * 1e9
 
 
+def _batch_maker(volumes: torch.Tensor, normalisation: Normalisation, cfg: TrainConfig, kernels: str,
+                 generator: torch.Generator, seed: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """(store indices, batch number) -> the augmented batch: with the csrc/ kernels one launch
+    drawing from Philox keyed by (seed, batch number), else `Augmenter`'s tensor ops drawing
+    from ``generator``."""
+    if kernels in NATIVE_KERNELS:
+        from naslung.native.augment import augment_batch
+
+        return lambda batch, number: augment_batch(volumes, batch, cfg.crop, cfg.shift, True, cfg.zero_out,
+                                                   normalisation, seed, number)
+    augment = Augmenter(cfg.crop, cfg.shift, True, cfg.zero_out)
+    return lambda batch, number: augment(volumes[batch], normalisation, generator)
+
+
 def volumes_on_device(crops: np.ndarray, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     """The whole store as one int16 tensor on ``device``, padded with the background value
     where it is smaller than the crop plus its random shift."""
@@ -165,15 +180,18 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
     device = volumes.device
     if cfg.cuda_graphs and device.type != "cuda":
         raise ValueError("--cuda-graphs needs a CUDA device; drop it on the CPU")
+    kernels = resolve_kernels(cfg.kernels, device)
+    # The csrc/ kernels read NCDHW maps: channels_last would add a copy before each of them.
+    channels_last = False if kernels in NATIVE_KERNELS else cfg.channels_last
     train_format, _ = choose_format(cfg.arch, cfg.cbam, cfg.head, cfg.crop, cfg.batch_size,
-                                    cfg.precision, cfg.channels_last, device)
-    torch.manual_seed(cfg.seed * 1_000 + split.test_fold)  # the format's timing drew numbers
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000 + split.test_fold)
+                                    cfg.precision, channels_last, device, kernels)
+    seed = cfg.seed * 1_000 + split.test_fold
+    torch.manual_seed(seed)  # the format's timing drew numbers
+    generator = torch.Generator(device=device).manual_seed(seed)
     memory_format = train_format.memory_format
 
     model = ConvRes(Arch.parse(cfg.arch), cbam=cfg.cbam, head=cfg.head)
-    if resolve_kernels(cfg.kernels, device) == "triton":
-        model = fuse(model, inplace=True)
+    model = fuse_for(model, kernels)
     model = model.to(device=device, memory_format=memory_format)
     loss_fn = make_loss(model.head, cfg.margin)
     # A captured step reads the rate from a tensor, so the schedule can change it between replays.
@@ -181,9 +199,9 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
     optimizer = torch.optim.Adam(model.parameters(), lr=lr0, betas=cfg.betas, capturable=cfg.cuda_graphs)
     step = TrainStep(model, loss_fn, optimizer, cuda_graphs=cfg.cuda_graphs,
                      autocast_dtype=train_format.autocast_dtype)
-    augment = Augmenter(cfg.crop, cfg.shift, True, cfg.zero_out)
     train_idx = torch.from_numpy(split.train).to(device)
     normalisation = Normalisation.fit(volumes[train_idx], cfg.crop, *cfg.hu_window)
+    make_batch = _batch_maker(volumes, normalisation, cfg, kernels, generator, seed)
     val_idx = torch.from_numpy(split.val).to(device)
     val_volumes, val_labels = volumes[val_idx], labels[val_idx].cpu().numpy()
 
@@ -205,9 +223,8 @@ def train_fold(volumes: torch.Tensor, labels: torch.Tensor, split: FoldSplit, cf
         loss_fn.train()
         order = train_idx[torch.randperm(len(train_idx), generator=generator, device=device)]
         loss_sum = torch.zeros((), device=device)
-        for batch in order.split(cfg.batch_size):
-            x = augment(volumes[batch], normalisation, generator)
-            x = x.contiguous(memory_format=memory_format)
+        for number, batch in enumerate(order.split(cfg.batch_size), start=epoch * n_batches):
+            x = make_batch(batch, number).contiguous(memory_format=memory_format)
             loss = step(x, labels[batch])
             loss_sum += loss * len(batch)
             if progress:
