@@ -20,6 +20,26 @@ long long reduction_blocks(long long n, long long s) {
     return blocks < 1 ? 1 : (blocks > 64 ? 64 : blocks);
 }
 
+// Threads per reduction block: a power of two from 32 to kThreads, about kPerThread values
+// each, so a small map does not pay for a full block's tree reduction (on the CPU, every
+// emulated thread of it).
+unsigned reduction_threads(long long n, long long s, long long blocks) {
+    long long per_block = (n * s + blocks - 1) / blocks;
+    unsigned threads = 32;
+    while (threads < kThreads && threads * kPerThread < per_block) threads *= 2;
+    return threads;
+}
+
+// The next (sample, voxel) of a thread striding ``step`` through a channel's N*S values: no
+// division per value (a 64-bit division costs more than the rest of a value's work).
+NL_HOST_DEVICE void advance(long long& sample, long long& voxel, long long step, long long s) {
+    voxel += step;
+    while (voxel >= s) {
+        voxel -= s;
+        ++sample;
+    }
+}
+
 // Welford's (count, mean, m2) of two sets, combined (Chan et al.).
 NL_HOST_DEVICE void welford_merge(float& count, float& mean, float& m2, float count_b, float mean_b,
                                   float m2_b) {
@@ -32,7 +52,8 @@ NL_HOST_DEVICE void welford_merge(float& count, float& mean, float& m2, float co
     count = total;
 }
 
-// grid (C, P), block kThreads, shared 3 x kThreads floats; reads x once.
+// grid (C, P), block reduction_threads (<= kThreads, a power of two), shared 3 x kThreads
+// floats; reads x once.
 // Block (c, p) takes the p-th slice of channel c's N*S values: (count, mean, m2) into
 // partials[(c * P + p) * 3 ...].
 template <typename T>
@@ -47,20 +68,23 @@ NL_KERNEL void bn_stats_partials_kernel(const T* NL_RESTRICT x, long long n, lon
     const long long begin = p * chunk;
     const long long end = begin + chunk < elements ? begin + chunk : elements;
     NL_THREADS {
-        float count = 0.0f, mean = 0.0f, m2 = 0.0f;
-        for (long long j = begin + threadIdx.x; j < end; j += blockDim.x) {
-            float v = nl_load(x, (j / s) * channels * s + c * s + j % s);
+        // Sums of deviations from the thread's first value (no division per value, and no
+        // cancellation while that value is near the channel's mean), then (count, mean, m2).
+        float count = 0.0f, sum = 0.0f, sum_squares = 0.0f, origin = 0.0f;
+        long long j = begin + threadIdx.x, sample = j / s, voxel = j % s;
+        if (j < end) origin = nl_load(x, (sample * channels + c) * s + voxel);
+        for (; j < end; j += blockDim.x, advance(sample, voxel, blockDim.x, s)) {
+            float deviation = nl_load(x, (sample * channels + c) * s + voxel) - origin;
             count += 1.0f;
-            float delta = v - mean;
-            mean += delta / count;
-            m2 += delta * (v - mean);
+            sum += deviation;
+            sum_squares += deviation * deviation;
         }
         sh_count[threadIdx.x] = count;
-        sh_mean[threadIdx.x] = mean;
-        sh_m2[threadIdx.x] = m2;
+        sh_mean[threadIdx.x] = count > 0.0f ? origin + sum / count : 0.0f;
+        sh_m2[threadIdx.x] = count > 0.0f ? fmaxf(sum_squares - sum * (sum / count), 0.0f) : 0.0f;
     }
     nl_sync();
-    for (unsigned half = kThreads / 2; half > 0; half /= 2) {
+    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
         NL_THREADS {
             if (threadIdx.x < half) {
                 unsigned other = threadIdx.x + half;
@@ -107,28 +131,28 @@ NL_KERNEL void bn_stats_finalize_kernel(const float* NL_RESTRICT partials, long 
     }
 }
 
-// grid ceil(N*C*S / kThreads) (capped, grid-stride), block kThreads; reads x (and the
-// residual) once, writes y once: y = relu((x - mean) * invstd * w + b) [+ residual].
+// grid (voxel blocks, C, N) (elementwise_grid), block kThreads; reads x (and the residual)
+// once, writes y once: y = relu((x - mean) * invstd * w + b) [+ residual].
 template <typename T>
 NL_KERNEL void bn_relu_forward_kernel(const T* NL_RESTRICT x, const T* NL_RESTRICT residual,
-                                      long long total, long long channels, long long s,
-                                      const float* NL_RESTRICT mean, const float* NL_RESTRICT invstd,
-                                      const float* NL_RESTRICT weight, const float* NL_RESTRICT bias,
-                                      T* NL_RESTRICT y) {
+                                      long long channels, long long s, const float* NL_RESTRICT mean,
+                                      const float* NL_RESTRICT invstd, const float* NL_RESTRICT weight,
+                                      const float* NL_RESTRICT bias, T* NL_RESTRICT y) {
+    const long long c = blockIdx.y, base = (static_cast<long long>(blockIdx.z) * channels + c) * s;
+    const float centre = mean[c], scale = invstd[c] * weight[c], shift = bias[c];
+    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     NL_THREADS {
-        long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-        for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-             i += stride) {
-            long long c = (i / s) % channels;
-            float v = (nl_load(x, i) - mean[c]) * invstd[c] * weight[c] + bias[c];
-            v = v > 0.0f ? v : 0.0f;
-            if (residual != nullptr) v += nl_load(residual, i);
-            nl_store(y, i, v);
+        for (long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; v < s; v += stride) {
+            float out = (nl_load(x, base + v) - centre) * scale + shift;
+            out = fmaxf(out, 0.0f);
+            if (residual != nullptr) out += nl_load(residual, base + v);
+            nl_store(y, base + v, out);
         }
     }
 }
 
-// grid (C, P), block kThreads, shared 2 x kThreads floats; reads x and dy once.
+// grid (C, P), block reduction_threads (<= kThreads, a power of two), shared 2 x kThreads
+// floats; reads x and dy once.
 // Per channel slice: sum of g and of g * xhat, g = dy where the ReLU passed (recomputed).
 template <typename T>
 NL_KERNEL void bn_relu_backward_partials_kernel(const T* NL_RESTRICT x, const T* NL_RESTRICT dy,
@@ -147,10 +171,11 @@ NL_KERNEL void bn_relu_backward_partials_kernel(const T* NL_RESTRICT x, const T*
     const long long end = begin + chunk < elements ? begin + chunk : elements;
     NL_THREADS {
         float sum_g = 0.0f, sum_gx = 0.0f;
-        for (long long j = begin + threadIdx.x; j < end; j += blockDim.x) {
-            long long i = (j / s) * channels * s + c * s + j % s;
+        long long j = begin + threadIdx.x, sample = j / s, voxel = j % s;
+        for (; j < end; j += blockDim.x, advance(sample, voxel, blockDim.x, s)) {
+            long long i = (sample * channels + c) * s + voxel;
             float xhat = (nl_load(x, i) - mean[c]) * invstd[c];
-            float g = xhat * weight[c] + bias[c] > 0.0f ? nl_load(dy, i) : 0.0f;
+            float g = nl_keep_if(xhat * weight[c] + bias[c] > 0.0f, nl_load(dy, i));
             sum_g += g;
             sum_gx += g * xhat;
         }
@@ -158,7 +183,7 @@ NL_KERNEL void bn_relu_backward_partials_kernel(const T* NL_RESTRICT x, const T*
         sh_gx[threadIdx.x] = sum_gx;
     }
     nl_sync();
-    for (unsigned half = kThreads / 2; half > 0; half /= 2) {
+    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
         NL_THREADS {
             if (threadIdx.x < half) {
                 sh_g[threadIdx.x] += sh_g[threadIdx.x + half];
@@ -194,42 +219,48 @@ NL_KERNEL void bn_backward_finalize_kernel(const float* NL_RESTRICT partials, lo
     }
 }
 
-// Elementwise, grid-stride, block kThreads; reads x and dy once, writes dx once.
-// Training: dx = w * invstd * (g - sum_g / M - xhat * sum_gx / M), M = N*S; eval (the
+// grid (voxel blocks, C, N) (elementwise_grid), block kThreads; reads x and dy once, writes
+// dx once. Training: dx = w * invstd * (g - sum_g / M - xhat * sum_gx / M), M = N*S; eval (the
 // statistics are constants): dx = w * invstd * g.
 template <typename T>
 NL_KERNEL void bn_relu_backward_input_kernel(const T* NL_RESTRICT x, const T* NL_RESTRICT dy,
-                                             long long total, long long channels, long long s,
-                                             float count, int training,
+                                             long long channels, long long s, float count, int training,
                                              const float* NL_RESTRICT mean,
                                              const float* NL_RESTRICT invstd,
                                              const float* NL_RESTRICT weight,
                                              const float* NL_RESTRICT bias,
                                              const float* NL_RESTRICT grad_bias,
                                              const float* NL_RESTRICT grad_weight, T* NL_RESTRICT dx) {
+    const long long c = blockIdx.y, base = (static_cast<long long>(blockIdx.z) * channels + c) * s;
+    const float centre = mean[c], inv = invstd[c], w = weight[c], b = bias[c];
+    const float mean_g = training ? grad_bias[c] / count : 0.0f;
+    const float mean_gx = training ? grad_weight[c] / count : 0.0f;
+    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     NL_THREADS {
-        long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-        for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-             i += stride) {
-            long long c = (i / s) % channels;
-            float xhat = (nl_load(x, i) - mean[c]) * invstd[c];
-            float g = xhat * weight[c] + bias[c] > 0.0f ? nl_load(dy, i) : 0.0f;
-            if (training) g -= (grad_bias[c] + xhat * grad_weight[c]) / count;
-            nl_store(dx, i, weight[c] * invstd[c] * g);
+        for (long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; v < s; v += stride) {
+            float xhat = (nl_load(x, base + v) - centre) * inv;
+            float g = nl_keep_if(xhat * w + b > 0.0f, nl_load(dy, base + v));
+            nl_store(dx, base + v, w * inv * (g - mean_g - xhat * mean_gx));
         }
     }
 }
 
-unsigned elementwise_blocks(long long total) {
-    long long blocks = (total + kThreads - 1) / kThreads;
-    return static_cast<unsigned>(blocks > 65535 ? 65535 : (blocks < 1 ? 1 : blocks));
+// (ceil(S / kThreads) capped, C, N): one block row per (sample, channel), so a block reads its
+// channel's constants once and no thread divides to find its channel.
+dim3 elementwise_grid(long long n, long long c, long long s) {
+    long long voxel_blocks = (s + kThreads - 1) / kThreads;
+    return dim3(static_cast<unsigned>(voxel_blocks > 65535 ? 65535 : voxel_blocks), static_cast<unsigned>(c),
+                static_cast<unsigned>(n));
 }
 
 unsigned channel_blocks(long long channels) {
     return static_cast<unsigned>((channels + kThreads - 1) / kThreads);
 }
 
-bool bad_shape(long long n, long long c, long long s) { return n < 1 || c < 1 || s < 1; }
+// Batch and channels within a grid's y and z (65,535), as elementwise_grid needs.
+bool bad_shape(long long n, long long c, long long s) {
+    return n < 1 || c < 1 || s < 1 || n > 65535 || c > 65535;
+}
 
 template <typename T>
 int stats(const void* x, long long n, long long c, long long s, float eps, float momentum,
@@ -237,7 +268,7 @@ int stats(const void* x, long long n, long long c, long long s, float eps, float
           void* stream) {
     long long blocks = reduction_blocks(n, s);
     NL_LAUNCH(bn_stats_partials_kernel<T>, dim3(static_cast<unsigned>(c), static_cast<unsigned>(blocks)),
-              dim3(kThreads), stream, static_cast<const T*>(x), n, c, s, workspace);
+              dim3(reduction_threads(n, s, blocks)), stream, static_cast<const T*>(x), n, c, s, workspace);
     NL_LAUNCH(bn_stats_finalize_kernel, dim3(channel_blocks(c)), dim3(kThreads), stream, workspace, c,
               blocks, eps, momentum, running_mean, running_var, mean, invstd);
     return NL_OK;
@@ -246,10 +277,9 @@ int stats(const void* x, long long n, long long c, long long s, float eps, float
 template <typename T>
 int forward(const void* x, const void* residual, long long n, long long c, long long s, const float* mean,
             const float* invstd, const float* weight, const float* bias, void* y, void* stream) {
-    long long total = n * c * s;
-    NL_LAUNCH(bn_relu_forward_kernel<T>, dim3(elementwise_blocks(total)), dim3(kThreads), stream,
-              static_cast<const T*>(x), static_cast<const T*>(residual), total, c, s, mean, invstd, weight,
-              bias, static_cast<T*>(y));
+    NL_LAUNCH(bn_relu_forward_kernel<T>, elementwise_grid(n, c, s), dim3(kThreads), stream,
+              static_cast<const T*>(x), static_cast<const T*>(residual), c, s, mean, invstd, weight, bias,
+              static_cast<T*>(y));
     return NL_OK;
 }
 
@@ -258,16 +288,15 @@ int backward(const void* x, const void* dy, long long n, long long c, long long 
              const float* mean, const float* invstd, const float* weight, const float* bias,
              float* workspace, float* grad_weight, float* grad_bias, void* dx, void* stream) {
     long long blocks = reduction_blocks(n, s);
-    long long total = n * c * s;
     NL_LAUNCH(bn_relu_backward_partials_kernel<T>,
-              dim3(static_cast<unsigned>(c), static_cast<unsigned>(blocks)), dim3(kThreads), stream,
-              static_cast<const T*>(x), static_cast<const T*>(dy), n, c, s, mean, invstd, weight, bias,
+              dim3(static_cast<unsigned>(c), static_cast<unsigned>(blocks)), dim3(reduction_threads(n, s, blocks)),
+              stream, static_cast<const T*>(x), static_cast<const T*>(dy), n, c, s, mean, invstd, weight, bias,
               workspace);
     NL_LAUNCH(bn_backward_finalize_kernel, dim3(channel_blocks(c)), dim3(kThreads), stream, workspace, c,
               blocks, grad_bias, grad_weight);
-    NL_LAUNCH(bn_relu_backward_input_kernel<T>, dim3(elementwise_blocks(total)), dim3(kThreads), stream,
-              static_cast<const T*>(x), static_cast<const T*>(dy), total, c, s, static_cast<float>(n * s),
-              training, mean, invstd, weight, bias, grad_bias, grad_weight, static_cast<T*>(dx));
+    NL_LAUNCH(bn_relu_backward_input_kernel<T>, elementwise_grid(n, c, s), dim3(kThreads), stream,
+              static_cast<const T*>(x), static_cast<const T*>(dy), c, s, static_cast<float>(n * s), training,
+              mean, invstd, weight, bias, grad_bias, grad_weight, static_cast<T*>(dx));
     return NL_OK;
 }
 

@@ -58,7 +58,10 @@ NL_HOST_DEVICE nl_bf16 nl_bf16_from(float v) { return __float2bfloat16_rn(v); }
 #define NL_DEVICE static inline
 #define NL_HOST_DEVICE static inline
 #define NL_SHARED
-#define NL_THREADS for (threadIdx.x = 0; threadIdx.x < blockDim.x; ++threadIdx.x)
+#define NL_THREADS for (unsigned nl_thread = 0; nl_thread < blockDim.x; ++nl_thread)
+// A phase's thread index is its loop variable: a register, so a phase's loop can be vectorised,
+// and a use of threadIdx outside a phase (where no thread is meant) does not compile.
+#define threadIdx (dim3(nl_thread))
 #define NL_RESTRICT __restrict__
 
 struct dim3 {
@@ -66,10 +69,10 @@ struct dim3 {
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
-// Each OpenMP thread runs one block at a time, so the built-in variables are per OS thread.
+// Each OpenMP thread runs one block at a time, so the block's built-in variables are per OS
+// thread.
 // initial-exec TLS: a plain fs-relative load per use, not a __tls_get_addr call in every loop.
 #define NL_TLS thread_local __attribute__((tls_model("initial-exec")))
-inline NL_TLS dim3 threadIdx;
 inline NL_TLS dim3 blockIdx;
 inline NL_TLS dim3 blockDim;
 inline NL_TLS dim3 gridDim;
@@ -131,6 +134,21 @@ static int nl_launch_blocks(Kernel kernel, dim3 grid, dim3 block, Args... args) 
     } while (0)
 
 #endif
+
+// ``value`` where ``keep``, else 0, without a branch: a mask (ReLU's, say) over random data
+// would mispredict half the time on a CPU; the GPU predicates the select either way. Unlike
+// value * keep, an infinite value that is not kept gives 0, as torch's masked gradients do.
+NL_HOST_DEVICE float nl_keep_if(bool keep, float value) {
+#if defined(__CUDA_ARCH__)
+    return keep ? value : 0.0f;
+#else
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    bits &= 0u - static_cast<uint32_t>(keep);
+    std::memcpy(&value, &bits, sizeof bits);
+    return value;
+#endif
+}
 
 // Storage types: fp32 and bf16 in memory, fp32 in registers.
 NL_HOST_DEVICE float nl_load(const float* p, long long i) { return p[i]; }
