@@ -125,3 +125,17 @@ def test_bad_dtype_is_refused_with_one_line():
 
     with pytest.raises(ValueError, match="fp32 or bf16"):
         batchnorm_relu(torch.randn(1, 2, 2, 2, 2, dtype=torch.float64), torch.nn.BatchNorm3d(2).double())
+
+
+def test_ops_pass_torch_library_opcheck():
+    """Schemas, fake implementations and autograd registration are what torch.compile and CUDA
+    graphs rely on."""
+    from naslung.native.batchnorm import bn_relu, bn_relu_backward, bn_stats
+
+    x = torch.randn(2, 4, 3, 3, 3)
+    residual, grad = torch.randn_like(x), torch.randn_like(x)
+    weight, bias = torch.rand(4) + 0.5, torch.rand(4) - 0.5
+    mean, invstd = bn_stats(x, torch.zeros(4), torch.ones(4), 0.1, 1e-5)
+    torch.library.opcheck(bn_stats, (x, torch.zeros(4), torch.ones(4), 0.1, 1e-5))
+    torch.library.opcheck(bn_relu, (x.requires_grad_(), residual, mean, invstd, weight, bias, True))
+    torch.library.opcheck(bn_relu_backward, (x.detach(), grad, mean, invstd, weight, bias, True))
