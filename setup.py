@@ -10,7 +10,6 @@ Python files, in the source tree for an editable install; `naslung.native.librar
 with ctypes. CMake runs once per build.
 """
 
-import functools
 import os
 import shutil
 import subprocess
@@ -34,18 +33,31 @@ for name, folder in TOP_LEVEL_SUBPACKAGES.items():
 
 
 class CMakeLibraries(build_ext):
-    """Build CMakeLists.txt once, then hand each extension its library."""
+    """Configure CMakeLists.txt once, then build each extension's library as its own target: a
+    CUDA build that fails leaves the host library built and the optional CUDA one skipped."""
+
+    def build_extensions(self) -> None:
+        self.cmake_build = self._configure()
+        super().build_extensions()
 
     def build_extension(self, ext: Extension) -> None:
-        built = self._cmake_build() / LIBRARIES[ext.name]
-        if not built.is_file():  # the CUDA library, on a machine without nvcc
-            raise CompileError(f"{built.name} was not built (no CUDA compiler found by CMake)")
+        library = LIBRARIES[ext.name]
         target = Path(self.get_ext_fullpath(ext.name))
+        # No stale copy may outlive a build that did not make it (ctypes would load it).
+        for old in (target, ROOT / "naslung" / "native" / target.name):
+            old.unlink(missing_ok=True)
+        build = self.cmake_build
+        built = build / library
+        built.unlink(missing_ok=True)
+        done = subprocess.run(["cmake", "--build", str(build), "--target", Path(library).stem[3:],
+                               "--parallel", str(os.cpu_count() or 1)])
+        if done.returncode != 0 or not built.is_file():
+            raise CompileError(f"{library} was not built (for the CUDA library: no CUDA compiler, or its "
+                               "build failed; the CMake output above says which)")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, target)
 
-    @functools.cache
-    def _cmake_build(self) -> Path:
+    def _configure(self) -> Path:
         # In the source tree (build/ is ignored): a reinstall rebuilds only what changed.
         build = ROOT.resolve() / "build" / "cmake"
         configure = ["cmake", "-S", str(ROOT.resolve()), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
@@ -54,7 +66,6 @@ class CMakeLibraries(build_ext):
         if shutil.which("ninja") and not (build / "CMakeCache.txt").is_file():
             configure += ["-G", "Ninja"]
         subprocess.run(configure, check=True)
-        subprocess.run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 1)], check=True)
         return build
 
 

@@ -4,7 +4,9 @@
 // Forward: one per-channel reduction pass over x, a finalize over C channels, one elementwise
 // pass. Backward: one per-channel reduction pass over (x, dy), a finalize, one elementwise pass.
 // Per-block partial results are combined in a fixed order, never with atomics, so a result
-// does not depend on scheduling and the host and CUDA builds sum in the same order.
+// does not depend on scheduling and the host and CUDA builds sum in the same order (their last
+// bits still differ: nvcc contracts a * b + c into FMAs). The ReLU mask is computed by the same
+// expression, (x - mean) * (invstd * weight) + bias, in every pass that needs it.
 #include "batchnorm.h"
 #include "portable.h"
 
@@ -165,6 +167,7 @@ NL_KERNEL void bn_relu_backward_partials_kernel(const T* NL_RESTRICT x, const T*
     NL_SHARED float sh_g[kThreads];
     NL_SHARED float sh_gx[kThreads];
     const long long c = blockIdx.x, p = blockIdx.y, blocks = gridDim.y;
+    const float centre = mean[c], inv = invstd[c], scale = inv * weight[c], shift = bias[c];
     const long long elements = n * s;
     const long long chunk = (elements + blocks - 1) / blocks;
     const long long begin = p * chunk;
@@ -174,8 +177,9 @@ NL_KERNEL void bn_relu_backward_partials_kernel(const T* NL_RESTRICT x, const T*
         long long j = begin + threadIdx.x, sample = j / s, voxel = j % s;
         for (; j < end; j += blockDim.x, advance(sample, voxel, blockDim.x, s)) {
             long long i = (sample * channels + c) * s + voxel;
-            float xhat = (nl_load(x, i) - mean[c]) * invstd[c];
-            float g = nl_keep_if(xhat * weight[c] + bias[c] > 0.0f, nl_load(dy, i));
+            float centred = nl_load(x, i) - centre;
+            float g = nl_keep_if(centred * scale + shift > 0.0f, nl_load(dy, i));
+            float xhat = centred * inv;
             sum_g += g;
             sum_gx += g * xhat;
         }
@@ -232,14 +236,15 @@ NL_KERNEL void bn_relu_backward_input_kernel(const T* NL_RESTRICT x, const T* NL
                                              const float* NL_RESTRICT grad_bias,
                                              const float* NL_RESTRICT grad_weight, T* NL_RESTRICT dx) {
     const long long c = blockIdx.y, base = (static_cast<long long>(blockIdx.z) * channels + c) * s;
-    const float centre = mean[c], inv = invstd[c], w = weight[c], b = bias[c];
+    const float centre = mean[c], inv = invstd[c], w = weight[c], b = bias[c], scale = inv * w;
     const float mean_g = training ? grad_bias[c] / count : 0.0f;
     const float mean_gx = training ? grad_weight[c] / count : 0.0f;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     NL_THREADS {
         for (long long v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; v < s; v += stride) {
-            float xhat = (nl_load(x, base + v) - centre) * inv;
-            float g = nl_keep_if(xhat * w + b > 0.0f, nl_load(dy, base + v));
+            float centred = nl_load(x, base + v) - centre;
+            float g = nl_keep_if(centred * scale + b > 0.0f, nl_load(dy, base + v));
+            float xhat = centred * inv;
             nl_store(dx, base + v, w * inv * (g - mean_g - xhat * mean_gx));
         }
     }

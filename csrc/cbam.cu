@@ -13,9 +13,9 @@
 //   4. spatial_gate_kernel          per voxel: the conv and the sigmoid -> s, then out
 // Backward: x read 3 times, dout 2 (nas-lung) or 3 (woo) times, dx written once.
 //   1. gate_grad_kernel             per voxel: dz = sum_c dout * (x or g) * s * (1 - s)
-//   2. pool_grad_kernel             small maps: the transposed conv of dz -> gradients of the
-//                                   [max, mean] maps, pre-divided by the ties and by C
-//   3. conv_grad_kernel             small maps: per-block sums of dz * [max, mean] per tap
+//   2. pool_grad_kernel             on the (N, S) maps, not x: the transposed conv of dz ->
+//                                   gradients of [max, mean], pre-divided by the ties and by C
+//   3. conv_grad_kernel             on the (N, 3, S) maps: per-block sums of dz * [max, mean]
 //   4. channel_grad_kernel          per (n, c) and chunk of voxels: sum of dg * x, dg = dL/dg
 //   5. channel_mlp_backward_kernel  per sample: dL/dw back through softmax or sigmoid and the MLP
 //   6. weight_grad_kernel           fc1, fc2 and conv weight gradients, summed in order
@@ -25,7 +25,8 @@
 // for the channel pool and over channels for the spatial pool (ReLU outputs make ties common).
 // The backward finds the maxima again with the forward's own fp32 arithmetic (x, and x * w with
 // the saved w), so they match exactly. Partial results are combined in a fixed order, never with
-// atomics: a result does not depend on scheduling, and the host and CUDA builds sum alike.
+// atomics: a result does not depend on scheduling, and the host and CUDA builds sum in the same
+// order (they still differ in the last bits: nvcc contracts a * b + c into FMAs, and expf).
 #include "cbam.h"
 
 #include <cmath>
@@ -392,7 +393,7 @@ NL_KERNEL void gate_grad_kernel(const T* NL_RESTRICT x, const T* NL_RESTRICT dou
     }
 }
 
-// grid (ceil(S / kThreads), N), block kThreads, shared 54 floats; small maps only. Per voxel, the
+// grid (ceil(S / kThreads), N), block kThreads, shared 54 floats; reads the (N, S) maps, not x. Per voxel, the
 // transposed conv of dz: the gradient of the max map divided by the voxel's ties, and of the
 // mean map divided by C -> pool_grads (N, 2, S); what every channel at the max (resp. every
 // channel) of g receives.
@@ -431,7 +432,8 @@ NL_KERNEL void pool_grad_kernel(const float* NL_RESTRICT gate_grads, const float
     }
 }
 
-// grid conv blocks, block kConvGradThreads, shared 54 x kConvGradThreads floats; small maps only.
+// grid conv blocks, block kConvGradThreads, shared 54 x kConvGradThreads floats; reads the
+// (N, 3, S) pooled maps, not x.
 // Block b takes the b-th chunk of the N*S voxels; each thread sums dz * [max, mean](neighbour)
 // per tap over its voxels, then thread t < 54 sums weight t over the threads in order -> one
 // row of 54 partial sums of the conv weight gradient per block.
@@ -680,7 +682,8 @@ long long power_of_two_at_least(long long v, long long cap) {
 
 bool bad_shape(long long n, long long c, long long d, long long h, long long w) {
     if (n < 1 || n > kMaxBatch || c < 1 || c > kMaxChannels || d < 1 || h < 1 || w < 1) return true;
-    return d > kMaxVoxels || h > kMaxVoxels || w > kMaxVoxels || d * h * w > kMaxVoxels;
+    // d * h first: each side may be up to 2^24, and d * h * w could overflow before the test.
+    return d > kMaxVoxels || h > kMaxVoxels || w > kMaxVoxels || d * h > kMaxVoxels || d * h * w > kMaxVoxels;
 }
 
 Plan make_plan(long long n, long long c, long long d, long long h, long long w) {

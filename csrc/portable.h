@@ -94,7 +94,7 @@ NL_HOST_DEVICE float nl_to_float(nl_bf16 v) {
 NL_HOST_DEVICE nl_bf16 nl_bf16_from(float v) {
     uint32_t wide;
     std::memcpy(&wide, &v, sizeof wide);
-    if (std::isnan(v)) return nl_bf16{static_cast<uint16_t>((wide >> 16) | 0x40u)};
+    if (std::isnan(v)) return nl_bf16{0x7FFFu};  // the canonical NaN CUDA's conversion returns
     wide += 0x7FFFu + ((wide >> 16) & 1u);
     return nl_bf16{static_cast<uint16_t>(wide >> 16)};
 }

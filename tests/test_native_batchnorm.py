@@ -139,3 +139,57 @@ def test_ops_pass_torch_library_opcheck():
     torch.library.opcheck(bn_stats, (x, torch.zeros(4), torch.ones(4), 0.1, 1e-5))
     torch.library.opcheck(bn_relu, (x.requires_grad_(), residual, mean, invstd, weight, bias, True))
     torch.library.opcheck(bn_relu_backward, (x.detach(), grad, mean, invstd, weight, bias, True))
+
+
+@pytest.mark.parametrize("options", [{"track_running_stats": False}, {"affine": False}, {"momentum": None}],
+                         ids=["untracked", "not-affine", "cumulative"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batchnorm_options_behave_as_torch(options, training):
+    from naslung.native.batchnorm import batchnorm_relu
+
+    reference, native = torch.nn.BatchNorm3d(4, **options), torch.nn.BatchNorm3d(4, **options)
+    native.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 4, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    for module in (reference, native):
+        module.train(training)
+    torch.testing.assert_close(batchnorm_relu(x, native), torch.relu(reference(x)), rtol=1e-4, atol=1e-5)
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(dict(native.named_buffers())[name], buffer, msg=name)
+
+
+def test_channels_last_input_gives_the_same_result():
+    from naslung.native.batchnorm import batchnorm_relu
+
+    x = torch.randn(2, 8, 4, 4, 4)
+    bn = torch.nn.BatchNorm3d(8).eval()
+    expected = batchnorm_relu(x, bn)
+    channels_last = x.contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(batchnorm_relu(channels_last, bn), expected)
+
+
+def test_inputs_the_kernels_would_misread_are_refused():
+    from naslung.native.batchnorm import batchnorm_relu
+
+    x = torch.randn(2, 4, 3, 3, 3)
+    with pytest.raises(ValueError, match="residual"):
+        batchnorm_relu(x, torch.nn.BatchNorm3d(4), torch.randn(2, 4, 1, 1, 1))
+    with pytest.raises(ValueError, match="running_mean must be a contiguous fp32"):
+        batchnorm_relu(x, torch.nn.BatchNorm3d(4).bfloat16())
+    with pytest.raises(ValueError, match="non-empty"):
+        batchnorm_relu(torch.randn(0, 4, 3, 3, 3), torch.nn.BatchNorm3d(4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or library_path("cuda") is None,
+                    reason="needs a CUDA GPU and the CUDA kernel library")
+@pytest.mark.parametrize("shape", [(256, 4, 3, 3, 3), (2, 512, 1, 1, 1), (8, 16, 16, 16, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_build_matches_the_host_build(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+    residual, grad = torch.randn_like(x), torch.randn_like(x)
+    results = []
+    for device in ("cpu", "cuda"):
+        bn = pair(shape[1], 0.1, True, seed=4)[1].to(device)
+        results.append({k: v.cpu() for k, v in run(x.to(device), residual.to(device), bn, grad.to(device),
+                                                     native=True).items()})
+    assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)

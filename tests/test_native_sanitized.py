@@ -30,7 +30,7 @@ def sanitized_env(tmp_path_factory) -> dict[str, str]:
     the installed one, with the sanitizers' runtimes preloaded into Python."""
     build = tmp_path_factory.mktemp("sanitized")
     subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DNASLUNG_SANITIZE=ON",
-                    "-DNASLUNG_CUDA=OFF"], check=True, capture_output=True)
+                    "-DNASLUNG_CUDA=OFF", "-DNASLUNG_WERROR=ON"], check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2"], check=True, capture_output=True)
     return {**os.environ, "NASLUNG_HOST_LIBRARY": str(build / "libnaslung_host_sanitized.so"),
             "LD_PRELOAD": f"{runtime('libasan.so')} {runtime('libubsan.so')}",

@@ -17,7 +17,18 @@ import ctypes
 import torch
 
 from naslung.data.augment import Normalisation
-from naslung.native.library import DTYPES, F32, I64, INT, PTR, call, declare, device_kind, stream_of
+from naslung.native.library import (
+    DTYPES,
+    F32,
+    I64,
+    INT,
+    PTR,
+    call,
+    declare,
+    device_kind,
+    on_device_of,
+    stream_of,
+)
 
 U64 = ctypes.c_ulonglong
 """The seed and step of the C ABI (unsigned 64-bit)."""
@@ -61,9 +72,10 @@ def augment_batch_op(volumes: torch.Tensor, indices: torch.Tensor, crop: int, sh
         if len(bad):
             raise IndexError(f"batch index {bad[0].item()} is outside the store of {len(volumes)} crops")
     out = torch.empty((len(indices), 1, crop, crop, crop), device=volumes.device, dtype=dtype)
-    call(device_kind(volumes), "nl_augment_batch", DTYPES[dtype], volumes.data_ptr(), *volumes.shape,
-         indices.data_ptr(), len(indices), crop, shift, int(flip), zero_out, hu_min, hu_max, mean, std, seed,
-         step, out.data_ptr(), stream_of(volumes))
+    with on_device_of(volumes):
+        call(device_kind(volumes), "nl_augment_batch", DTYPES[dtype], volumes.data_ptr(), *volumes.shape,
+             indices.data_ptr(), len(indices), crop, shift, int(flip), zero_out, hu_min, hu_max, mean, std,
+             seed, step, out.data_ptr(), stream_of(volumes))
     return out
 
 
@@ -106,6 +118,7 @@ def augment_draws(volumes: torch.Tensor, batch: int, crop: int, shift: int, flip
     if batch < 0:
         raise ValueError(f"batch {batch} must be >= 0")
     draws = torch.empty((batch, 9), device=volumes.device, dtype=torch.int32)
-    call(device_kind(volumes), "nl_augment_draws", *volumes.shape[1:], batch, crop, shift, int(flip),
-         zero_out, seed, step, draws.data_ptr(), stream_of(volumes))
+    with on_device_of(volumes):
+        call(device_kind(volumes), "nl_augment_draws", *volumes.shape[1:], batch, crop, shift, int(flip),
+             zero_out, seed, step, draws.data_ptr(), stream_of(volumes))
     return {"starts": draws[:, 0:3], "flips": draws[:, 3:6], "corners": draws[:, 6:9]}

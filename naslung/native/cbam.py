@@ -12,7 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from naslung.native.library import I64, INT, PTR, call, declare, device_kind, dtype_code, stream_of
+from naslung.native.library import (
+    I64,
+    INT,
+    PTR,
+    call,
+    check_operands,
+    declare,
+    device_kind,
+    dtype_code,
+    on_device_of,
+    stream_of,
+)
 
 VARIANT_CODES = {"nas-lung": 0, "woo": 1}
 """CBAM variants and their codes in the C ABI (nl_cbam_variant)."""
@@ -51,9 +62,11 @@ def cbam_forward(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Te
     spatial_stats = torch.empty((n, 3, d, h, w), **f32)
     gate = torch.empty((n, 1, d, h, w), **f32)
     workspace = torch.empty(call(kind, "nl_cbam_forward_workspace_floats", n, c, d, h, w), **f32)
-    call(kind, "nl_cbam_forward", dtype_code(x), VARIANT_CODES[variant], x.data_ptr(), n, c, d, h, w,
-         fc1.data_ptr(), fc2.data_ptr(), conv.data_ptr(), workspace.data_ptr(), channel_weights.data_ptr(),
-         channel_stats.data_ptr(), spatial_stats.data_ptr(), gate.data_ptr(), out.data_ptr(), stream_of(x))
+    with on_device_of(x):
+        call(kind, "nl_cbam_forward", dtype_code(x), VARIANT_CODES[variant], x.data_ptr(), n, c, d, h, w,
+             fc1.data_ptr(), fc2.data_ptr(), conv.data_ptr(), workspace.data_ptr(),
+             channel_weights.data_ptr(), channel_stats.data_ptr(), spatial_stats.data_ptr(), gate.data_ptr(),
+             out.data_ptr(), stream_of(x))
     return out, channel_weights, channel_stats, spatial_stats, gate
 
 
@@ -79,10 +92,11 @@ def cbam_backward(x: torch.Tensor, grad: torch.Tensor, fc1_weight: torch.Tensor,
     dx = torch.empty_like(x)
     grad_fc1, grad_fc2, grad_conv = torch.empty_like(fc1), torch.empty_like(fc2), torch.empty_like(conv)
     workspace = torch.empty(call(kind, "nl_cbam_backward_workspace_floats", n, c, d, h, w), device=x.device)
-    call(kind, "nl_cbam_backward", dtype_code(x), VARIANT_CODES[variant], x.data_ptr(), grad.data_ptr(), n, c,
-         d, h, w, fc1.data_ptr(), fc2.data_ptr(), conv.data_ptr(), channel_weights.data_ptr(),
-         channel_stats.data_ptr(), spatial_stats.data_ptr(), gate.data_ptr(), workspace.data_ptr(),
-         grad_fc1.data_ptr(), grad_fc2.data_ptr(), grad_conv.data_ptr(), dx.data_ptr(), stream_of(x))
+    with on_device_of(x):
+        call(kind, "nl_cbam_backward", dtype_code(x), VARIANT_CODES[variant], x.data_ptr(), grad.data_ptr(),
+             n, c, d, h, w, fc1.data_ptr(), fc2.data_ptr(), conv.data_ptr(), channel_weights.data_ptr(),
+             channel_stats.data_ptr(), spatial_stats.data_ptr(), gate.data_ptr(), workspace.data_ptr(),
+             grad_fc1.data_ptr(), grad_fc2.data_ptr(), grad_conv.data_ptr(), dx.data_ptr(), stream_of(x))
     return dx, grad_fc1, grad_fc2, grad_conv
 
 
@@ -120,6 +134,7 @@ def cbam(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, co
         raise ValueError(f"unknown CBAM variant {variant!r}; choose from {', '.join(VARIANT_CODES)}")
     if x.dim() != 5:
         raise ValueError(f"cbam expects (N, C, D, H, W) input, got shape {tuple(x.shape)}")
+    check_operands(x, fc1_weight=fc1_weight, fc2_weight=fc2_weight, conv_weight=conv_weight)
     c = x.shape[1]
     if not 1 <= c <= MAX_CHANNELS:
         raise ValueError(f"the native CBAM takes 1 to {MAX_CHANNELS} channels, not {c}")

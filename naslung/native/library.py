@@ -10,9 +10,12 @@ sanitized build).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+from collections.abc import Iterator
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ HOST_LIBRARY_ENV = "NASLUNG_HOST_LIBRARY"
 INT, I64, F32, PTR = ctypes.c_int, ctypes.c_longlong, ctypes.c_float, ctypes.c_void_p
 """The C types of the ABI's arguments (csrc/portable.h): status, sizes, scalars, pointers."""
 
-_signatures: dict[str, tuple[type, list[type]]] = {}
+_signatures: dict[str, tuple[type, list[type]]] = {"nl_status_name": (ctypes.c_char_p, [INT])}
 
 
 def declare(signatures: dict[str, tuple[type, list[type]]]) -> None:
@@ -40,8 +43,8 @@ def library_path(kind: str) -> Path | None:
     """Where the ``host`` or ``cuda`` library is, or None where it was not built."""
     if kind == "host" and os.environ.get(HOST_LIBRARY_ENV):
         return Path(os.environ[HOST_LIBRARY_ENV])
-    found = sorted(HERE.glob(f"libnaslung_{kind}*.so"))
-    return found[0] if found else None
+    path = HERE / f"libnaslung_{kind}{EXTENSION_SUFFIXES[0]}"  # built for this Python, by setup.py
+    return path if path.is_file() else None
 
 
 @functools.cache
@@ -66,8 +69,9 @@ def call(kind: str, name: str, *args: object) -> int:
     function.restype, function.argtypes = _signatures[name]
     status = function(*args)
     if function.restype is INT and status != 0:
-        what = "bad arguments" if status == -1 else f"CUDA error {status}"
-        raise NativeLibraryError(f"{name} failed: {what}")
+        describe = load(kind).nl_status_name
+        describe.restype, describe.argtypes = _signatures["nl_status_name"]
+        raise NativeLibraryError(f"{name} failed: {describe(status).decode()} (status {status})")
     return status
 
 
@@ -108,3 +112,25 @@ def dtype_code(t: torch.Tensor) -> int:
 def ptr(t: torch.Tensor | None) -> int | None:
     """``t``'s data pointer; None (a null pointer) for an absent optional tensor."""
     return None if t is None else t.data_ptr()
+
+
+@contextlib.contextmanager
+def on_device_of(t: torch.Tensor) -> Iterator[None]:
+    """Launch on ``t``'s GPU (the CUDA runtime launches on the current device), or on the CPU."""
+    with torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext():
+        yield
+
+
+def check_operands(x: torch.Tensor, **operands: torch.Tensor | None) -> None:
+    """Every operand on ``x``'s device: the kernels dereference their pointers on it, and a CPU
+    pointer on a GPU (or the reverse) is an illegal address that poisons the CUDA context."""
+    for name, t in operands.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, the feature map on {x.device}: move them together")
+
+
+def fp32_vector(t: torch.Tensor, length: int, name: str) -> torch.Tensor:
+    """``t`` as the contiguous fp32 vector of ``length`` values the C ABI reads."""
+    if t.numel() != length:
+        raise ValueError(f"{name} has {t.numel()} values, the map {length} channels")
+    return t.float().contiguous()
