@@ -43,6 +43,11 @@ def test_cosine_and_constant_schedules():
         TrainConfig(schedule="step")
 
 
+def test_final_training_defaults_to_cosine():
+    """The default the 10-fold comparison with a constant rate chose (README, Results)."""
+    assert TrainConfig().schedule == "cosine"
+
+
 def test_the_trainer_follows_the_schedule(sphere_store):
     cfg = TrainConfig(arch="4/4/8", epochs=3, schedule="cosine", lr=1e-3)
     volumes = volumes_on_device(sphere_store.crops, cfg, CPU)

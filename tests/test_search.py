@@ -110,6 +110,7 @@ def test_search_trains_in_the_precision_asked_for_and_journals_it(sphere_store, 
     assert [r["precision"] for r in candidates(run)] == ["bf16", "bf16"]
     meta = json.loads(next((run / "checkpoints").glob("*/model.json")).read_text())
     assert meta["train_config"]["precision"] == "bf16"
+    assert meta["train_config"]["schedule"] == "constant"  # the original's search budget
 
 
 def test_a_journal_older_than_the_precision_setting_resumes_as_fp32(sphere_store, tmp_path, capsys):

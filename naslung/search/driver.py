@@ -244,9 +244,11 @@ def run_search(store: CropStore, cfg: SearchConfig, run_dir: str | Path, device:
         journal.append({"type": "slots", "slots": executor.slots})
 
     def trial(index: int) -> Trial:
+        # The original's search budget: a constant rate (the final training's default is cosine).
         tcfg = TrainConfig(arch=str(space.arch(index)), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           lr=cfg.lr, head=cfg.head, cbam=cfg.cbam, select=cfg.metric, seed=cfg.seed,
-                           kernels=cfg.kernels, cuda_graphs=cfg.cuda_graphs, precision=cfg.precision)
+                           lr=cfg.lr, schedule="constant", head=cfg.head, cbam=cfg.cbam, select=cfg.metric,
+                           seed=cfg.seed, kernels=cfg.kernels, cuda_graphs=cfg.cuda_graphs,
+                           precision=cfg.precision)
         return Trial(index, tcfg, cfg.test_fold)
 
     busy = 0.0  # seconds the driver spent handing trials over or waiting for them
