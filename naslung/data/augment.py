@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 AIR_HU = -1000.0
-HU_WINDOW = (-1000.0, 400.0)
-"""Default HU window: air to just above soft tissue, where nodules and lung differ."""
+HU_WINDOW = (-1200.0, 600.0)
+"""Default HU window, DeepLung's: below air to past soft tissue, so calcium above +400 HU stays
+apart from soft tissue. Chosen over (-1000, 400) by the paired 10-fold comparison in the README
+(Results): +0.016 [+0.006, +0.026] test AUC."""
 
 
 @dataclass(frozen=True)
