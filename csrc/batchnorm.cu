@@ -32,11 +32,14 @@ unsigned reduction_threads(long long n, long long s, long long blocks) {
     return threads;
 }
 
-// The next (sample, voxel) of a thread striding ``step`` through a channel's N*S values: no
-// division per value (a 64-bit division costs more than the rest of a value's work).
-NL_HOST_DEVICE void advance(long long& sample, long long& voxel, long long step, long long s) {
-    voxel += step;
-    while (voxel >= s) {
+// The next (sample, voxel) of a thread striding through a channel's N*S values by a step of
+// step_samples * S + step_voxels (step_voxels < S): no division per value (a 64-bit division
+// costs more than the rest of a value's work).
+NL_HOST_DEVICE void advance(long long& sample, long long& voxel, long long step_samples, long long step_voxels,
+                            long long s) {
+    voxel += step_voxels;
+    sample += step_samples;
+    if (voxel >= s) {
         voxel -= s;
         ++sample;
     }
@@ -69,13 +72,14 @@ NL_KERNEL void bn_stats_partials_kernel(const T* NL_RESTRICT x, long long n, lon
     const long long chunk = (elements + blocks - 1) / blocks;
     const long long begin = p * chunk;
     const long long end = begin + chunk < elements ? begin + chunk : elements;
+    const long long step_samples = blockDim.x / s, step_voxels = blockDim.x % s;
     NL_THREADS {
         // Sums of deviations from the thread's first value (no division per value, and no
         // cancellation while that value is near the channel's mean), then (count, mean, m2).
         float count = 0.0f, sum = 0.0f, sum_squares = 0.0f, origin = 0.0f;
         long long j = begin + threadIdx.x, sample = j / s, voxel = j % s;
         if (j < end) origin = nl_load(x, (sample * channels + c) * s + voxel);
-        for (; j < end; j += blockDim.x, advance(sample, voxel, blockDim.x, s)) {
+        for (; j < end; j += blockDim.x, advance(sample, voxel, step_samples, step_voxels, s)) {
             float deviation = nl_load(x, (sample * channels + c) * s + voxel) - origin;
             count += 1.0f;
             sum += deviation;
@@ -172,10 +176,11 @@ NL_KERNEL void bn_relu_backward_partials_kernel(const T* NL_RESTRICT x, const T*
     const long long chunk = (elements + blocks - 1) / blocks;
     const long long begin = p * chunk;
     const long long end = begin + chunk < elements ? begin + chunk : elements;
+    const long long step_samples = blockDim.x / s, step_voxels = blockDim.x % s;
     NL_THREADS {
         float sum_g = 0.0f, sum_gx = 0.0f;
         long long j = begin + threadIdx.x, sample = j / s, voxel = j % s;
-        for (; j < end; j += blockDim.x, advance(sample, voxel, blockDim.x, s)) {
+        for (; j < end; j += blockDim.x, advance(sample, voxel, step_samples, step_voxels, s)) {
             long long i = (sample * channels + c) * s + voxel;
             float centred = nl_load(x, i) - centre;
             float g = nl_keep_if(centred * scale + shift > 0.0f, nl_load(dy, i));
