@@ -45,6 +45,15 @@ NL_HOST_DEVICE void advance(long long& sample, long long& voxel, long long step_
     }
 }
 
+// [begin, end) of the p-th of ``blocks`` equal slices of a channel's ``elements`` values: the
+// part of the channel one block of a reduction pass takes.
+NL_HOST_DEVICE void channel_slice(long long elements, long long p, long long blocks, long long& begin,
+                                  long long& end) {
+    const long long chunk = (elements + blocks - 1) / blocks;
+    begin = p * chunk;
+    end = begin + chunk < elements ? begin + chunk : elements;
+}
+
 // Welford's (count, mean, m2) of two sets, combined (Chan et al.).
 NL_HOST_DEVICE void welford_merge(float& count, float& mean, float& m2, float count_b, float mean_b,
                                   float m2_b) {
@@ -68,10 +77,8 @@ NL_KERNEL void bn_stats_partials_kernel(const T* NL_RESTRICT x, long long n, lon
     NL_SHARED float sh_mean[kThreads];
     NL_SHARED float sh_m2[kThreads];
     const long long c = blockIdx.x, p = blockIdx.y, blocks = gridDim.y;
-    const long long elements = n * s;
-    const long long chunk = (elements + blocks - 1) / blocks;
-    const long long begin = p * chunk;
-    const long long end = begin + chunk < elements ? begin + chunk : elements;
+    long long begin, end;
+    channel_slice(n * s, p, blocks, begin, end);
     const long long step_samples = blockDim.x / s, step_voxels = blockDim.x % s;
     NL_THREADS {
         // Sums of deviations from the thread's first value (no division per value, and no
@@ -172,10 +179,8 @@ NL_KERNEL void bn_relu_backward_partials_kernel(const T* NL_RESTRICT x, const T*
     NL_SHARED float sh_gx[kThreads];
     const long long c = blockIdx.x, p = blockIdx.y, blocks = gridDim.y;
     const float centre = mean[c], inv = invstd[c], scale = inv * weight[c], shift = bias[c];
-    const long long elements = n * s;
-    const long long chunk = (elements + blocks - 1) / blocks;
-    const long long begin = p * chunk;
-    const long long end = begin + chunk < elements ? begin + chunk : elements;
+    long long begin, end;
+    channel_slice(n * s, p, blocks, begin, end);
     const long long step_samples = blockDim.x / s, step_voxels = blockDim.x % s;
     NL_THREADS {
         float sum_g = 0.0f, sum_gx = 0.0f;

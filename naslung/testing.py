@@ -8,6 +8,20 @@ import torch
 from torch import nn
 
 
+def sharp_cbam(channels: int, variant: str, seed: int) -> nn.Module:
+    """A reference CBAM with weights large enough that the gates are far from flat, so parity
+    tests of fused CBAMs exercise the softmax/sigmoid and the spatial gate away from 0.5."""
+    from naslung.models.cbam import make_cbam
+
+    torch.manual_seed(seed)
+    module = make_cbam(channels, variant)
+    with torch.no_grad():
+        module.fc1.weight.mul_(2.0)
+        module.fc2.weight.mul_(2.0)
+        module.spatial_conv.weight.mul_(3.0)
+    return module
+
+
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """``model`` in eval mode with every BatchNorm's running statistics and affine moved away
     from the identity, as after training: a fresh model's BN folds to nothing, so comparing

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from naslung.models.cbam import make_cbam
+from naslung.testing import sharp_cbam
 
 CASES = {
     # id: (variant, batch, channels, spatial size, dtype, input kind)
@@ -36,17 +37,6 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 unless the reference module itself, run in the same dtype, is further off (an ill-conditioned
 case: batch 1, C = 4 loses 2e-4 of the fc gradients to cancellation in torch's fp32 too)."""
 TORCH_FACTOR = 4.0
-
-
-def _module(channels: int, variant: str, seed: int) -> torch.nn.Module:
-    """A reference CBAM with weights large enough that the gates are far from flat."""
-    torch.manual_seed(seed)
-    module = make_cbam(channels, variant)
-    with torch.no_grad():
-        module.fc1.weight.mul_(2.0)
-        module.fc2.weight.mul_(2.0)
-        module.spatial_conv.weight.mul_(3.0)
-    return module
 
 
 def _input(batch: int, channels: int, size: tuple[int, ...], kind: str) -> torch.Tensor:
@@ -64,7 +54,7 @@ def _errors(cbam, variant, batch, channels, size, dtype, kind, device="cpu") -> 
     """Run ``cbam`` and the float64 reference; max error of the output and every gradient,
     relative to the reference's largest magnitude, and the layout facts."""
     dtype = getattr(torch, dtype)
-    module = _module(channels, variant, seed=batch * 1000 + channels).to(device)
+    module = sharp_cbam(channels, variant, seed=batch * 1000 + channels).to(device)
     x = _input(batch, channels, size, kind).to(device=device, dtype=dtype)
     dout = torch.randn(x.shape, device=device).to(dtype)
     params = [p.detach().clone().requires_grad_()
@@ -110,7 +100,7 @@ def _judge(kernel: dict, torch_run: dict, tolerance: float) -> dict[str, tuple[f
 
 def _layout(cbam) -> dict:
     """The same result from NCDHW and NDHWC input; always channels_last_3d out."""
-    module = _module(4, "nas-lung", seed=1)
+    module = sharp_cbam(4, "nas-lung", seed=1)
     x = torch.randn(1, 4, 3, 4, 5)
     weights = (module.fc1.weight, module.fc2.weight, module.spatial_conv.weight)
     out = cbam(x, *weights)
@@ -164,7 +154,7 @@ def test_any_input_layout_gives_the_same_channels_last_output(interpreted):
 def test_rejects_unknown_variant_and_wrong_weights():
     from naslung.kernels.cbam import cbam
 
-    module = _module(8, "woo", seed=2)
+    module = sharp_cbam(8, "woo", seed=2)
     x = torch.randn(1, 8, 4, 4, 4)
     with pytest.raises(ValueError, match="choose from nas-lung, woo"):
         cbam(x, module.fc1.weight, module.fc2.weight, module.spatial_conv.weight, "cbam")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from naslung.models.cbam import make_cbam
 from naslung.native.library import NativeLibraryError, library_path
+from naslung.testing import sharp_cbam
 
 pytestmark = [
     pytest.mark.skipif(library_path("host") is None,
@@ -49,17 +49,6 @@ BF16_TOLERANCE = 2e-2
 """bf16 (outputs and dx stored in bf16): largest error relative to max|reference|."""
 
 
-def _module(channels: int, variant: str, seed: int) -> torch.nn.Module:
-    """A reference CBAM with weights large enough that the gates are far from flat."""
-    torch.manual_seed(seed)
-    module = make_cbam(channels, variant)
-    with torch.no_grad():
-        module.fc1.weight.mul_(2.0)
-        module.fc2.weight.mul_(2.0)
-        module.spatial_conv.weight.mul_(3.0)
-    return module
-
-
 def _input(batch: int, channels: int, size: tuple[int, ...], kind: str) -> torch.Tensor:
     if kind == "randn":
         return torch.randn(batch, channels, *size)
@@ -80,7 +69,7 @@ def _run(variant: str, batch: int, channels: int, size: tuple[int, ...], kind: s
     float64 reference on the same input: name -> (result, float64 reference)."""
     from naslung.native.cbam import cbam
 
-    module = _module(channels, variant, seed=batch * 1000 + channels)
+    module = sharp_cbam(channels, variant, seed=batch * 1000 + channels)
     x = _input(batch, channels, size, kind).to(dtype)
     dout = torch.randn(x.shape).to(dtype)
     weights = [p.detach().clone().to(device).requires_grad_()
@@ -144,7 +133,7 @@ def test_bf16_matches_float64_reference_loosely(variant):
 def test_attention_map_is_the_reference_one(variant):
     from naslung.native.cbam import cbam_forward
 
-    module = _module(8, variant, seed=3)
+    module = sharp_cbam(8, variant, seed=3)
     x = _input(2, 8, (3, 5, 7), "ties")
     weights = (module.fc1.weight.detach(), module.fc2.weight.detach(), module.spatial_conv.weight.detach())
     out, *_, gate = cbam_forward(x, *weights, variant)
@@ -163,7 +152,7 @@ def test_results_are_bitwise_reproducible():
 def test_rejects_unknown_variant_wrong_weights_and_too_many_channels():
     from naslung.native.cbam import cbam, cbam_forward
 
-    module = _module(8, "woo", seed=2)
+    module = sharp_cbam(8, "woo", seed=2)
     x = torch.randn(1, 8, 2, 2, 2)
     with pytest.raises(ValueError, match="choose from nas-lung, woo"):
         cbam(x, module.fc1.weight, module.fc2.weight, module.spatial_conv.weight, "cbam")
@@ -180,7 +169,7 @@ def test_ops_pass_torch_library_checks():
     """Schema, fake (meta) kernel, autograd registration, and tracing by AOTAutograd."""
     from naslung.native.cbam import cbam_forward
 
-    module = _module(4, "nas-lung", seed=4)
+    module = sharp_cbam(4, "nas-lung", seed=4)
     x = torch.randn(2, 4, 2, 3, 3, requires_grad=True)
     weights = [p.detach().clone().requires_grad_()
                for p in (module.fc1.weight, module.fc2.weight, module.spatial_conv.weight)]
